@@ -1,0 +1,91 @@
+"""ONNX export with a dynamic batch axis, and the torch vs onnxruntime parity check."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, ModelInputs
+from models.train import predict_logits
+from service.calibration import Calibration
+from service.model_metadata import TensorInfo
+
+OPSET = 18
+
+
+def export_onnx(model: nn.Module, example: ModelInputs, path: Path) -> None:
+    """Write `model` as one self-contained ONNX file taking (dense, ids) of any batch size."""
+    model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dense = torch.from_numpy(example.dense[:8])
+    ids = torch.from_numpy(example.ids[:8])
+    # The exporter is chatty (progress lines, a rename warning about the shared batch axis).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dense, ids),
+            str(path),
+            input_names=[DENSE_INPUT, IDS_INPUT],
+            output_names=[LOGIT_OUTPUT],
+            dynamic_shapes=({0: batch}, {0: batch}),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+
+
+def signature(dense_width: int, ids_width: int) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The inputs and outputs every exported ranking model has."""
+    inputs = [
+        TensorInfo(name=DENSE_INPUT, dtype="float32", shape=["batch", dense_width]),
+        TensorInfo(name=IDS_INPUT, dtype="int64", shape=["batch", ids_width]),
+    ]
+    return inputs, [TensorInfo(name=LOGIT_OUTPUT, dtype="float32", shape=["batch"])]
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest disagreement between torch and onnxruntime on the same rows."""
+
+    rows: int
+    max_abs_logit_diff: float
+    max_abs_probability_diff: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "rows": float(self.rows),
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "max_abs_probability_diff": self.max_abs_probability_diff,
+        }
+
+
+def check_parity(
+    model: nn.Module, onnx_path: Path, inputs: ModelInputs, calibration: Calibration
+) -> Parity:
+    """Score `inputs` with torch and with onnxruntime (batch sizes 1 and all) and compare."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    reference = predict_logits(model, inputs)
+    (onnx_logits,) = session.run([LOGIT_OUTPUT], inputs.as_feed())
+    (single,) = session.run(
+        [LOGIT_OUTPUT], {DENSE_INPUT: inputs.dense[:1], IDS_INPUT: inputs.ids[:1]}
+    )
+    logit_diff = max(
+        float(np.abs(onnx_logits - reference).max()), float(np.abs(single - reference[:1]).max())
+    )
+    probability_diff = float(
+        np.abs(calibration.apply(onnx_logits) - calibration.apply(reference)).max()
+    )
+    return Parity(len(inputs), logit_diff, probability_diff)
