@@ -1,0 +1,375 @@
+"""The `adscore` command: serve, demo, train, learning-curve, load-features.
+
+Training and the synthetic data set are imported only by the commands that need them, so the
+serving install (no torch) runs every other command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+DEMO_REPOSITORY = Path("demo/model_repository")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the environment, with the flags given on the command line on top."""
+    flags = {
+        name: getattr(args, name)
+        for name in ("host", "port", "model_repository", "model_name", "redis_url",
+                     "feature_namespace", "execution_provider", "log_level")
+        if getattr(args, name, None) is not None
+    }  # fmt: skip
+    return Settings(**(flags | extra))
+
+
+def _serve(settings: Settings, store: Any = None) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings, store=store)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    _serve(settings)
+    return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the demo model on synthetic features in a private redis-server (or in memory)."""
+    import shutil
+
+    from feature_client.memory_store import InMemoryFeatureStore
+    from feature_client.redis_server import LocalRedisServer
+    from feature_client.redis_store import RedisFeatureStore
+    from feature_client.store import FeatureStore
+    from models.synthetic import load_world_features, world_for_model
+    from service.repository import ModelRepository
+
+    base = _settings(args)
+    _configure_logging(base.log_level)
+    # uvicorn re-raises SIGTERM once it has shut down; turning it into SystemExit lets the
+    # ExitStack below stop the demo's redis-server instead of orphaning it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    repository = ModelRepository(base.model_repository)
+    metadata = repository.read_metadata(base.model_name, repository.active_version(base.model_name))
+    world = world_for_model(metadata.dataset, metadata.spec().fingerprint())
+    with ExitStack() as stack:
+        store: FeatureStore
+        if shutil.which("redis-server") and not args.in_memory:
+            server = stack.enter_context(LocalRedisServer())
+            print(f"started redis-server on {server.url} (stops with the demo)", flush=True)
+            settings = _settings(args, feature_backend="redis", redis_url=server.url)
+            store = RedisFeatureStore.from_url(server.url, settings.feature_namespace, 5.0)
+            serving_store = None
+        else:
+            reason = "--in-memory" if args.in_memory else "redis-server is not installed"
+            print(f"{reason}: using the in-process feature store", flush=True)
+            settings = _settings(args, feature_backend="memory")
+            store = serving_store = InMemoryFeatureStore(settings.feature_namespace)
+
+        async def load() -> int:
+            try:
+                return await load_world_features(store, world)
+            finally:
+                if serving_store is None:
+                    await store.close()
+
+        count = asyncio.run(load())
+        print(
+            f"loaded features of {len(world.users.keys)} users (u0..u{len(world.users.keys) - 1}) "
+            f"and {len(world.ads.keys)} ads (a0..a{len(world.ads.keys) - 1}), {count} keys",
+            flush=True,
+        )
+        print(f"serving model {metadata.name} v{metadata.version} on "
+              f"http://{settings.host}:{settings.port}", flush=True)  # fmt: skip
+        _serve(settings, store=serving_store)
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float], parity: dict[str, float] | None = None) -> None:
+    rows = [
+        ("oracle AUC (true probabilities)", metrics["oracle_auc"]),
+        ("DCN-v2 AUC", metrics["auc"]),
+        ("logistic regression AUC", metrics["baseline_auc"]),
+        ("lift over baseline (AUC)", metrics["lift_over_baseline_auc"]),
+        ("gap to oracle (AUC)", metrics["gap_to_oracle_auc"]),
+        ("oracle log loss", metrics["oracle_log_loss"]),
+        ("DCN-v2 log loss", metrics["log_loss"]),
+        ("logistic regression log loss", metrics["baseline_log_loss"]),
+        ("calibration error, before calibration", metrics["calibration_error_uncalibrated"]),
+        ("calibration error, after calibration", metrics["calibration_error"]),
+        ("base conversion rate", metrics["base_rate"]),
+    ]
+    if parity:
+        rows.append(("torch vs ONNX, max |probability diff|", parity["max_abs_probability_diff"]))
+        rows.append(("torch vs ONNX, max |logit diff|", parity["max_abs_logit_diff"]))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:.6g}")
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    from models.pipeline import TrainingPlan
+    from models.synthetic import SyntheticConfig
+    from models.train import FitConfig
+
+    defaults = TrainingPlan()
+    return TrainingPlan(
+        rows=args.rows,
+        validation_rows=args.validation_rows or defaults.validation_rows,
+        calibration_rows=args.calibration_rows or defaults.calibration_rows,
+        test_rows=args.test_rows or defaults.test_rows,
+        world=SyntheticConfig(users=args.users, ads=args.ads, seed=args.data_seed),
+        fit=FitConfig(max_epochs=args.epochs),
+        seed=args.seed,
+        threads=args.threads,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.pipeline import export_and_publish, run_training
+    from service.repository import ModelRepository
+
+    trained = run_training(_plan(args), progress=not args.quiet)
+    metadata = export_and_publish(
+        trained, ModelRepository(args.model_repository), args.name, activate=not args.no_activate
+    )
+    folder = ModelRepository(args.model_repository).version_dir(metadata.name, metadata.version)
+    print(f"published {metadata.name} version {metadata.version} to {folder}")
+    _print_metrics(trained.metrics, metadata.parity)
+    return 0
+
+
+def cmd_learning_curve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from models.pipeline import run_training
+
+    plan = _plan(args)
+    results = []
+    for fraction in args.fractions:
+        rows = max(1000, int(plan.rows * fraction))
+        print(f"training on {rows} rows ({fraction:g}x)", flush=True)
+        trained = run_training(dataclasses.replace(plan, rows=rows), progress=not args.quiet)
+        results.append((fraction, rows, trained.metrics))
+    print("\n| rows | oracle AUC | DCN-v2 AUC | LR AUC | DCN-v2 gap to oracle | ECE (calibrated) |")
+    print("|---|---|---|---|---|---|")
+    for fraction, rows, m in results:
+        print(
+            f"| {rows:,} ({fraction:g}x) | {m['oracle_auc']:.4f} | {m['auc']:.4f} | "
+            f"{m['baseline_auc']:.4f} | {m['gap_to_oracle_auc']:.4f} | "
+            f"{m['calibration_error']:.4f} |"
+        )
+    return 0
+
+
+def cmd_load_features(args: argparse.Namespace) -> int:
+    from feature_client.loader import load_file, stamp_schema
+    from feature_client.memory_store import InMemoryFeatureStore
+    from feature_client.redis_store import RedisFeatureStore
+    from feature_client.store import FeatureStore
+    from service.repository import ModelRepository
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    repository = ModelRepository(settings.model_repository)
+    version = args.version or repository.active_version(settings.model_name)
+    metadata = repository.read_metadata(settings.model_name, version)
+    spec = metadata.spec()
+    store: FeatureStore = (
+        InMemoryFeatureStore(settings.feature_namespace)
+        if args.dry_run
+        else RedisFeatureStore.from_url(settings.redis_url, settings.feature_namespace, 30.0)
+    )
+
+    async def load() -> int:
+        try:
+            if not await store.ping():
+                raise SystemExit(f"error: cannot reach Redis at {settings.redis_url}")
+            if args.users is None and args.ads is None:
+                from models.synthetic import load_world_features, world_for_model
+
+                world = world_for_model(metadata.dataset, spec.fingerprint())
+                return await load_world_features(store, world, progress=not args.quiet)
+            count = 0
+            for source, path in (("user", args.users), ("ad", args.ads)):
+                if path is not None:
+                    count += await load_file(
+                        store, spec, source, path, id_column=args.id_column,  # type: ignore[arg-type]
+                        batch_size=args.batch_size, progress=not args.quiet,
+                    )  # fmt: skip
+            await stamp_schema(store, spec)
+            return count
+        finally:
+            await store.close()
+
+    count = asyncio.run(load())
+    target = "nowhere (dry run)" if args.dry_run else settings.redis_url
+    print(f"wrote {count} feature vectors (schema version {spec.schema_version}) to {target}")
+    return 0
+
+
+def _add_service_flags(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--execution-provider", choices=["cpu", "cuda"], help="default cpu")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    if not demo:
+        parser.add_argument("--redis-url", help="Redis with the online features")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=default,
+        help=f"model repository folder (default {default or 'model_repository'})",
+    )
+    parser.add_argument("--model-name", help="model to use (default pcvr)")
+    parser.add_argument("--feature-namespace", help="key prefix of the features (default adscore)")
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=1_000_000, help="training rows (default 1M)")
+    parser.add_argument("--validation-rows", type=int, help="default 200k")
+    parser.add_argument("--calibration-rows", type=int, help="default 300k")
+    parser.add_argument("--test-rows", type=int, help="default 500k")
+    parser.add_argument("--users", type=int, default=10_000, help="users in the synthetic world")
+    parser.add_argument("--ads", type=int, default=50_000, help="ads in the synthetic world")
+    parser.add_argument("--data-seed", type=int, default=7, help="seed of the synthetic world")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and training")
+    parser.add_argument("--epochs", type=int, default=2, help="most epochs (early stopping)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adscore", description="Real-time ads conversion prediction service."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the scoring service",
+        description="Run the scoring service. Every setting is also read from ADSCORE_* "
+        "environment variables; flags win over them.",
+    )
+    _add_service_flags(serve)
+    _add_model_flags(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo",
+        help="serve the demo model on synthetic features (private redis-server or in memory)",
+        description="Start a private redis-server on a free port (or use the in-process store "
+        "when redis-server is missing), load the synthetic features of the model's data set "
+        "and serve on http://127.0.0.1:8000.",
+    )
+    _add_service_flags(demo, demo=True)
+    _add_model_flags(demo, default=DEMO_REPOSITORY)
+    demo.add_argument("--in-memory", action="store_true", help="use the in-process store")
+    demo.set_defaults(handler=cmd_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train, calibrate, export and publish a DCN-v2 model on the synthetic data set",
+        description="Generate the synthetic data set, train a logistic-regression baseline and "
+        "a DCN-v2 with early stopping, calibrate, evaluate against the oracle, export to ONNX, "
+        "check parity and publish a new version. Needs the 'train' extra (torch).",
+    )
+    _add_training_flags(train)
+    train.add_argument(
+        "--model-repository", type=Path, default=Path("model_repository"),
+        help="where to publish (default model_repository)",
+    )  # fmt: skip
+    train.add_argument("--name", default="pcvr", help="model name (default pcvr)")
+    train.add_argument("--no-activate", action="store_true", help="publish without activating")
+    train.set_defaults(handler=cmd_train)
+
+    curve = commands.add_parser(
+        "learning-curve",
+        help="train at several data sizes and print the gap to the oracle",
+        description="Train at fractions of --rows and print a Markdown table of oracle, DCN-v2 "
+        "and logistic-regression AUC. Publishes nothing.",
+    )
+    _add_training_flags(curve)
+    curve.add_argument(
+        "--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+        help="fractions of --rows (default 0.25 0.5 1)",
+    )  # fmt: skip
+    curve.set_defaults(handler=cmd_learning_curve)
+
+    load = commands.add_parser(
+        "load-features",
+        help="write entity features into Redis (synthetic, or from CSV/Parquet files)",
+        description="Write feature vectors encoded with the model's feature spec into Redis, "
+        "in pipelined batches. Without --users/--ads, writes the synthetic data set the model "
+        "was trained on. A file has an id column and one column per feature of its entity.",
+    )
+    _add_model_flags(load)
+    load.add_argument("--redis-url", help="target Redis (default redis://127.0.0.1:6379/0)")
+    load.add_argument(
+        "--version", type=int, help="model version whose spec to use (default active)"
+    )
+    load.add_argument("--users", type=Path, help="CSV or Parquet file of user features")
+    load.add_argument("--ads", type=Path, help="CSV or Parquet file of ad features")
+    load.add_argument("--id-column", default="id", help="entity id column (default id)")
+    load.add_argument("--batch-size", type=int, default=5_000, help="rows per pipeline")
+    load.add_argument("--dry-run", action="store_true", help="encode everything, write nothing")
+    load.add_argument("--quiet", action="store_true", help="no progress bars")
+    load.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    load.set_defaults(handler=cmd_load_features)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from feature_client.loader import FeatureFileError
+    from feature_client.spec import SpecError
+    from models.synthetic import DatasetMismatch
+    from service.repository import RepositoryError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except (RepositoryError, DatasetMismatch, FeatureFileError, SpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

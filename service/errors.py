@@ -1,0 +1,90 @@
+"""Errors reported to callers, each with its HTTP status, mapped to JSON in one place."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from service.responses import JSONBytesResponse
+
+
+class ServiceError(Exception):
+    """Base for failures reported to callers as {"error": {"code", "message"}}."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ServiceError):
+    """The body is not JSON, or a field is missing, of the wrong type or out of range."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
+class PayloadTooLarge(ServiceError):
+    """Too many candidates or too many bytes in one request."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnknownModel(ServiceError):
+    """No loaded model has the requested name."""
+
+    status_code = 404
+    code = "unknown_model"
+
+
+class FeaturesUnavailable(ServiceError):
+    """The feature store failed and the policy is to refuse rather than score on defaults."""
+
+    status_code = 503
+    code = "features_unavailable"
+
+
+class NotReady(ServiceError):
+    """No model is loaded yet, or the service is shutting down."""
+
+    status_code = 503
+    code = "not_ready"
+
+
+def error_response(status_code: int, code: str, message: str) -> JSONBytesResponse:
+    return JSONBytesResponse({"error": {"code": code, "message": message}}, status_code=status_code)
+
+
+async def _service_error(_: Request, exc: Exception) -> JSONBytesResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status_code, exc.code, exc.message)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONBytesResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+    ]
+    return error_response(422, InvalidRequest.code, "; ".join(problems))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONBytesResponse:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    response = error_response(
+        exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+    )
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the same JSON shape; unexpected exceptions stay a plain 500."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)

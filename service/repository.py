@@ -1,0 +1,144 @@
+"""The model repository on disk: immutable version folders and the policy that picks one.
+
+    <root>/<name>/<version>/model.onnx
+    <root>/<name>/<version>/metadata.json
+    <root>/<name>/policy.json          {"active": <version>}
+
+A version is published by writing a hidden temporary folder and renaming it into place, so a
+reader never sees half a version, and the rename fails rather than overwrite a version that
+exists. policy.json is replaced atomically too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.model_metadata import ModelMetadata
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+POLICY_FILE = "policy.json"
+
+
+class RepositoryError(Exception):
+    """The repository lacks a model or version, or holds a file that cannot be read."""
+
+
+class Policy(BaseModel):
+    """Which version of a model serves."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    active: int
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates files readable by the owner only
+    os.replace(tmp, path)
+
+
+class ModelRepository:
+    """Reads and publishes model versions under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def model_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise RepositoryError(f"invalid model name {name!r}")
+        return self.root / name
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.model_dir(name) / str(version)
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.model_dir(name)
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def read_policy(self, name: str) -> Policy | None:
+        path = self.model_dir(name) / POLICY_FILE
+        if not path.exists():
+            return None
+        try:
+            return Policy.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise RepositoryError(f"{path}: not a valid policy: {exc}") from exc
+
+    def active_version(self, name: str) -> int:
+        """The policy's active version, or the newest version when there is no policy."""
+        policy = self.read_policy(name)
+        if policy is not None:
+            return policy.active
+        versions = self.versions(name)
+        if not versions:
+            raise RepositoryError(f"no versions of model {name!r} under {self.root}")
+        return versions[-1]
+
+    def read_metadata(self, name: str, version: int) -> ModelMetadata:
+        path = self.version_dir(name, version) / METADATA_FILE
+        if not path.exists():
+            raise RepositoryError(f"model {name!r} has no version {version} ({path} is missing)")
+        try:
+            return ModelMetadata.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise RepositoryError(f"{path}: invalid metadata: {exc}") from exc
+
+    def model_path(self, name: str, version: int) -> Path:
+        return self.version_dir(name, version) / MODEL_FILE
+
+    def set_active(self, name: str, version: int) -> None:
+        if version not in self.versions(name):
+            raise RepositoryError(f"model {name!r} has no version {version}")
+        _write_atomically(
+            self.model_dir(name) / POLICY_FILE, json.dumps(Policy(active=version).model_dump())
+        )
+
+    def publish(
+        self, name: str, model_file: Path, metadata: ModelMetadata, *, activate: bool = True
+    ) -> ModelMetadata:
+        """Store a new version (the next integer) and return its metadata as written."""
+        folder = self.model_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+        staging.chmod(0o755)  # mkdtemp creates folders readable by the owner only
+        try:
+            shutil.copyfile(model_file, staging / MODEL_FILE)
+            checksum = file_sha256(staging / MODEL_FILE)
+            while True:
+                version = max(self.versions(name), default=0) + 1
+                written = metadata.model_copy(
+                    update={"name": name, "version": version, "sha256": checksum}
+                )
+                (staging / METADATA_FILE).write_text(written.model_dump_json(indent=2) + "\n")
+                try:
+                    staging.rename(folder / str(version))
+                    break
+                except OSError:
+                    # Another publisher took this number first: take the next one.
+                    if not (folder / str(version)).exists():
+                        raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if activate:
+            self.set_active(name, version)
+        return written

@@ -1,0 +1,1 @@
+"""HTTP routes: each translates between HTTP and one call on the service's collaborators."""

@@ -1,0 +1,144 @@
+"""The hot path: one scoring request from ids to calibrated probabilities.
+
+fetch the user's and the candidates' feature vectors (one store round trip)
+-> decode them and lay out the model inputs (numpy, no per-feature loop)
+-> run the model in a worker thread -> calibrate -> one probability per candidate
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+import numpy.typing as npt
+
+from feature_client.assembly import ContextError, assemble_inputs, context_blocks
+from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
+from service.errors import FeaturesUnavailable, InvalidRequest
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+logger = logging.getLogger("adscore.scoring")
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A validated scoring request."""
+
+    user_id: str
+    ad_ids: list[str]
+    context: Mapping[str, str | int | float]
+    request_id: str | None = None
+    tenant: str | None = None
+    timeout_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Calibrated probabilities, in candidate order, and how they were obtained."""
+
+    request_id: str | None
+    model: str
+    model_version: int
+    scores: npt.NDArray[np.float64]
+    missing_user: bool
+    missing_ads: list[str]
+    degraded: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "model_version": self.model_version,
+            "scores": self.scores,
+            "missing": {"user": self.missing_user, "ads": self.missing_ads},
+            "degraded": self.degraded,
+        }
+
+
+class ScoringPipeline:
+    """Scores requests with the registry's current model and the feature store."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: FeatureStore,
+        metrics: Metrics,
+        settings: Settings,
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._metrics = metrics
+        self._settings = settings
+        # A limiter of its own, so inference does not queue behind FastAPI's shared pool.
+        self._limiter = anyio.CapacityLimiter(settings.inference_threads)
+        stage = metrics.stage_seconds
+        self._fetch_seconds = stage.labels("feature_fetch")
+        self._assembly_seconds = stage.labels("input_assembly")
+        self._inference_seconds = stage.labels("inference")
+
+    async def _fetch(self, request: ScoreRequest) -> tuple[RawFeatures, str | None]:
+        """The stored vectors, or empty ones and the reason when the store failed."""
+        budget_ms = self._settings.feature_timeout_ms
+        if request.timeout_ms is not None:
+            budget_ms = min(budget_ms, request.timeout_ms)
+        try:
+            async with asyncio.timeout(budget_ms / 1000):
+                return await self._store.fetch(request.user_id, request.ad_ids), None
+        except (FeatureStoreUnavailable, TimeoutError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else "unavailable"
+            if self._settings.on_feature_store_error == "fail":
+                raise FeaturesUnavailable(f"feature store {reason}: {exc}") from exc
+            logger.debug("scoring on defaults, feature store %s: %s", reason, exc)
+            return RawFeatures(None, [None] * len(request.ad_ids)), reason
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        model = self._registry.get(self._settings.model_name)
+        started = time.perf_counter()
+        try:
+            context_dense, context_ids = context_blocks(model.spec, request.context)
+        except ContextError as exc:
+            raise InvalidRequest(f"context.{exc}") from exc
+        context_done = time.perf_counter()
+
+        raw, degraded_reason = await self._fetch(request)
+        fetched = time.perf_counter()
+        self._fetch_seconds.observe(fetched - context_done)
+
+        user = model.user_codec.decode([raw.user])
+        ads = model.ad_codec.decode(raw.ads)
+        n = len(request.ad_ids)
+        inputs = assemble_inputs(
+            n, [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
+        )
+        assembled = time.perf_counter()
+        self._assembly_seconds.observe(assembled - fetched + context_done - started)
+
+        scores = await anyio.to_thread.run_sync(model.score, inputs, limiter=self._limiter)
+        self._inference_seconds.observe(time.perf_counter() - assembled)
+
+        self._metrics.candidates.observe(n)
+        if degraded_reason is not None:
+            self._metrics.degraded_responses.labels(degraded_reason).inc()
+            return ScoreResult(
+                request.request_id, model.name, model.version, scores, False, [], True
+            )
+        missing_ads = [request.ad_ids[i] for i in np.flatnonzero(~ads.found)]
+        missing_user = not bool(user.found[0])
+        if missing_user:
+            self._metrics.missing_entities.labels("user").inc()
+        if missing_ads:
+            self._metrics.missing_entities.labels("ad").inc(len(missing_ads))
+        if user.rejected:
+            self._metrics.rejected_feature_values.labels("user").inc(user.rejected)
+        if ads.rejected:
+            self._metrics.rejected_feature_values.labels("ad").inc(ads.rejected)
+        return ScoreResult(
+            request.request_id, model.name, model.version, scores, missing_user, missing_ads, False
+        )

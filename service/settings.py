@@ -1,0 +1,57 @@
+"""Service settings, read once from the environment (prefix ADSCORE_) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a running adscore; each field is also the env variable ADSCORE_<FIELD>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADSCORE_", frozen=True, extra="forbid", protected_namespaces=()
+    )
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 in a container)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port to listen on."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of adscore and uvicorn."""
+    access_log: bool = False
+    """One log line per request; off by default because it costs CPU on the hot path."""
+
+    model_repository: Path = Path("model_repository")
+    """Folder of models: <name>/<version>/{model.onnx,metadata.json} and <name>/policy.json."""
+    model_name: str = "pcvr"
+    """The model that scores requests."""
+    execution_provider: Literal["cpu", "cuda"] = "cpu"
+    """onnxruntime execution provider; cuda falls back to cpu with a warning when unavailable."""
+    inference_threads: int = Field(2, ge=1, le=64)
+    """onnxruntime calls that may run at once (one per core is the sweet spot on CPU)."""
+    intra_op_threads: int = Field(1, ge=1, le=64)
+    """Threads inside one onnxruntime call; inference_threads x intra_op_threads <= cores."""
+    warmup_batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
+    """Batch sizes run once at load: the first requests must not pay onnxruntime's first run."""
+
+    feature_backend: Literal["redis", "memory"] = "redis"
+    """Where online features live; memory is an in-process store for demos and tests."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the online features."""
+    feature_namespace: str = "adscore"
+    """Key prefix of the online features ({namespace}:u:{user_id}, {namespace}:a:{ad_id})."""
+    feature_timeout_ms: float = Field(20.0, gt=0)
+    """Budget of one feature fetch; past it the request is scored on defaults (degraded)."""
+    on_feature_store_error: Literal["degrade", "fail"] = "degrade"
+    """When the store fails: score on defaults with degraded=true, or answer 503."""
+
+    max_candidates: int = Field(1024, ge=1)
+    """More candidates in one request are refused with 413."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Larger request bodies are refused with 413."""
+    max_id_length: int = Field(128, ge=1)
+    """Longest accepted user_id, ad_id, request_id or tenant."""
