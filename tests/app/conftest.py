@@ -1,0 +1,60 @@
+"""A real adscore server (uvicorn) on a real redis-server with the session's trained model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from feature_client.redis_server import LocalRedisServer
+from feature_client.redis_store import RedisFeatureStore
+from models.synthetic import SyntheticWorld, load_world_features, world_for_model
+from service.app import create_app
+from service.repository import ModelRepository
+from service.settings import Settings
+from tests.conftest import TrainedFixture
+from tests.fixtures import LiveServer
+
+
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    settings: Settings
+    world: SyntheticWorld
+    trained: TrainedFixture
+    redis: LocalRedisServer
+
+
+def load_features(redis_url: str, world: SyntheticWorld) -> None:
+    async def load() -> None:
+        store = RedisFeatureStore.from_url(redis_url, "adscore", 5.0)
+        await load_world_features(store, world, progress=False)
+        await store.close()
+
+    asyncio.run(load())
+
+
+def world_of(trained: TrainedFixture) -> SyntheticWorld:
+    metadata = ModelRepository(trained.repository).read_metadata(trained.name, trained.version)
+    return world_for_model(metadata.dataset, metadata.spec().fingerprint())
+
+
+@pytest.fixture(scope="module")
+def service(trained: TrainedFixture) -> Iterator[RunningService]:
+    world = world_of(trained)
+    with LocalRedisServer() as redis_server:
+        load_features(redis_server.url, world)
+        settings = Settings(
+            model_repository=trained.repository,
+            redis_url=redis_server.url,
+            max_candidates=512,
+            max_body_bytes=64 * 1024,
+        )
+        server = LiveServer(create_app(settings))
+        server.start()
+        try:
+            yield RunningService(server.url, settings, world, trained, redis_server)
+        finally:
+            server.stop()

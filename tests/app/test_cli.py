@@ -1,0 +1,134 @@
+"""The adscore command, as a user runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from feature_client.redis_server import free_port
+from service.repository import ModelRepository
+
+ADSCORE = [sys.executable, "-m", "service.cli"]
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["demo"], ["train"], ["learning-curve"], ["load-features"]]
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run([*ADSCORE, *command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: adscore")
+
+
+def test_unknown_model_repository_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*ADSCORE, "load-features", "--model-repository", str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no versions of model 'pcvr'")
+
+
+@pytest.fixture(params=["redis", "in-memory"])
+def demo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    flags = ["--in-memory"] if request.param == "in-memory" else []
+    log = tmp_path / "demo.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [*ADSCORE, "demo", "--port", str(port), "--log-level", "warning", *flags],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the demo did not become ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    output = log.read_text()
+    if request.param == "in-memory":
+        assert "using the in-process feature store" in output
+    else:  # the demo's private redis-server stops with it
+        match = re.search(r"started redis-server on (redis://\S+)", output)
+        assert match, output
+        with pytest.raises(redis.exceptions.ConnectionError):
+            redis.Redis.from_url(match.group(1), socket_connect_timeout=1).ping()
+
+
+def test_demo_serves_the_documented_request(demo: str) -> None:
+    response = httpx.post(
+        f"{demo}/v1/score",
+        json={"user_id": "u1", "candidates": [{"ad_id": "a1"}, {"ad_id": "a2"}]},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body["scores"]) == 2 and all(0 < s < 1 for s in body["scores"])
+    assert body["missing"] == {"user": False, "ads": []}  # u0..u9999 and a0..a49999 are loaded
+    last = httpx.post(
+        f"{demo}/v1/score",
+        json={"user_id": "u9999", "candidates": [{"ad_id": "a49999"}, {"ad_id": "a50000"}]},
+        timeout=10,
+    ).json()
+    assert last["missing"] == {"user": False, "ads": ["a50000"]}
+
+
+def test_train_publishes_a_version_and_prints_its_metrics(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *ADSCORE,
+            "train",
+            "--rows",
+            "6000",
+            "--validation-rows",
+            "2000",
+            "--calibration-rows",
+            "2000",
+            "--test-rows",
+            "3000",
+            "--users",
+            "500",
+            "--ads",
+            "1000",
+            "--epochs",
+            "1",
+            "--threads",
+            "2",
+            "--quiet",
+            "--model-repository",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "published pcvr version 1" in result.stdout
+    for line in ("oracle AUC", "DCN-v2 AUC", "logistic regression AUC", "after calibration",
+                 "torch vs ONNX"):  # fmt: skip
+        assert line in result.stdout
+    repository = ModelRepository(tmp_path)
+    assert repository.active_version("pcvr") == 1
+    assert repository.read_metadata("pcvr", 1).training["rows"] == 6000

@@ -1,0 +1,78 @@
+"""A dead Redis: scores on defaults (degrade policy) or 503 (fail policy); start-up refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from feature_client.memory_store import InMemoryFeatureStore
+from feature_client.redis_server import LocalRedisServer
+from feature_client.store import SchemaStamp
+from service.app import StartupError, check_feature_schema, create_app, load_serving_model
+from service.settings import Settings
+from tests.app.conftest import load_features, world_of
+from tests.conftest import TrainedFixture
+from tests.fixtures import LiveServer, tiny_spec
+
+
+@pytest.fixture(scope="module")
+def dead_redis_servers(trained: TrainedFixture) -> Iterator[dict[str, str]]:
+    """Two servers (degrade and fail policies) whose Redis dies after start-up."""
+    servers = {}
+    with LocalRedisServer() as redis_server:
+        load_features(redis_server.url, world_of(trained))
+        for policy in ("degrade", "fail"):
+            settings = Settings(
+                model_repository=trained.repository,
+                redis_url=redis_server.url,
+                on_feature_store_error=policy,
+            )
+            servers[policy] = LiveServer(create_app(settings))
+            servers[policy].start()
+    # The with block has stopped redis-server: both replicas now face a dead store.
+    try:
+        yield {policy: server.url for policy, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+REQUEST = {"user_id": "u1", "candidates": [{"ad_id": "a1"}, {"ad_id": "a2"}]}
+
+
+def test_degrade_policy_scores_on_defaults(dead_redis_servers: dict[str, str]) -> None:
+    with httpx.Client(base_url=dead_redis_servers["degrade"], timeout=10) as client:
+        response = client.post("/v1/score", json=REQUEST)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["degraded"] is True
+        assert len(body["scores"]) == 2 and all(0 < s < 1 for s in body["scores"])
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["feature_store"] == "unreachable"
+        metrics = client.get("/metrics").text
+    assert 'adscore_degraded_responses_total{reason="unavailable"} 1.0' in metrics
+
+
+def test_fail_policy_answers_503(dead_redis_servers: dict[str, str]) -> None:
+    with httpx.Client(base_url=dead_redis_servers["fail"], timeout=10) as client:
+        response = client.post("/v1/score", json=REQUEST)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "features_unavailable"
+        assert client.get("/readyz").status_code == 503
+
+
+def test_features_of_another_schema_refuse_start_up(trained: TrainedFixture) -> None:
+    store = InMemoryFeatureStore()
+    asyncio.run(store.write_schema(SchemaStamp.of(tiny_spec())))
+    model = load_serving_model(Settings(model_repository=trained.repository))
+    with pytest.raises(StartupError, match="load-features"):
+        asyncio.run(check_feature_schema(store, model.spec))
+
+
+def test_missing_model_refuses_start_up(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="no versions of model 'pcvr'"):
+        load_serving_model(Settings(model_repository=tmp_path))
