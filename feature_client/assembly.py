@@ -68,9 +68,10 @@ class ContextError(ValueError):
         self.feature = feature
 
 
-def context_blocks(
-    spec: FeatureSpec, context: Mapping[str, str | int | float]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+ContextBlocks = tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]
+
+
+def context_blocks(spec: FeatureSpec, context: Mapping[str, str | int | float]) -> ContextBlocks:
     """The request context as a one-row dense block and a one-row id block.
 
     Categorical values are matched as text (hour 14 and "14" are the same value); unknown

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
-import anyio
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_store import RedisFeatureStore
-from feature_client.spec import FeatureSpec
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, SchemaStamp
+from service.auth import AuthConfigError, KeyRing
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.registry import LoadedModel, ModelLoadError, ModelRegistry, load_version
+from service.model_manager import ModelManager
+from service.registry import ModelLoadError
 from service.repository import ModelRepository, RepositoryError
 from service.routes import health, models, scoring
 from service.routes import metrics as metrics_route
@@ -69,34 +71,54 @@ def build_store(settings: Settings) -> FeatureStore:
     )
 
 
-def load_serving_model(settings: Settings) -> LoadedModel:
-    repository = ModelRepository(settings.model_repository)
+def schema_reader(store: FeatureStore) -> Callable[[], Awaitable[SchemaStamp | None]]:
+    """Reads the store's schema stamp for load checks; None (check skipped) when unreachable."""
+
+    async def read() -> SchemaStamp | None:
+        try:
+            stamp = await store.read_schema()
+        except FeatureStoreUnavailable as exc:
+            logger.warning("feature store unreachable (%s): feature schema not checked", exc)
+            return None
+        if stamp is None:
+            logger.warning("the feature store holds no schema stamp: were features loaded?")
+        return stamp
+
+    return read
+
+
+async def start_models(settings: Settings, store: FeatureStore, metrics: Metrics) -> ModelManager:
+    """A ModelManager serving the default model; StartupError when it cannot load."""
+    manager = ModelManager(
+        ModelRepository(settings.model_repository), settings, metrics, schema_reader(store)
+    )
     try:
-        version = repository.active_version(settings.model_name)
-        return load_version(repository, settings.model_name, version, settings)
+        await manager.start()
     except (RepositoryError, ModelLoadError) as exc:
+        await manager.close()
         raise StartupError(
-            f"cannot load model {settings.model_name!r} from {settings.model_repository}: {exc}"
+            f"cannot load model {manager.default_model!r} from {settings.model_repository}: {exc}"
         ) from exc
+    return manager
 
 
-async def check_feature_schema(store: FeatureStore, spec: FeatureSpec) -> None:
-    """Refuse to serve a model on features encoded with another spec."""
-    try:
-        stamp = await store.read_schema()
-    except FeatureStoreUnavailable as exc:
-        logger.warning("feature store unreachable at start-up (%s); scoring on defaults", exc)
-        return
-    if stamp is None:
-        logger.warning("the feature store holds no schema stamp: were features loaded?")
-        return
-    expected = SchemaStamp.of(spec)
-    if stamp != expected:
-        raise StartupError(
-            f"the feature store holds schema version {stamp.schema_version} "
-            f"({stamp.fingerprint}); the model needs version {expected.schema_version} "
-            f"({expected.fingerprint}). Reload the features with `adscore load-features`."
-        )
+async def poll_repository(manager: ModelManager, keys: KeyRing, interval: float) -> None:
+    """Converge on the shared repository: re-sync when a policy or the routing changes."""
+
+    def read(paths: list[Path]) -> dict[Path, bytes | None]:
+        return {p: p.read_bytes() if p.exists() else None for p in paths}
+
+    seen = await asyncio.to_thread(read, manager.watched_files())
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(keys.reload_if_changed)
+            now = await asyncio.to_thread(read, manager.watched_files())
+            if now != seen:
+                await manager.refresh()
+                seen = await asyncio.to_thread(read, manager.watched_files())
+        except Exception:  # the poller must outlive a bad file or a full disk
+            logger.exception("polling the model repository failed")
 
 
 def create_app(settings: Settings, *, store: FeatureStore | None = None) -> FastAPI:
@@ -105,21 +127,33 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = await anyio.to_thread.run_sync(load_serving_model, settings)
-        registry = ModelRegistry()
-        registry.put(model)
-        metrics.model_info.labels(model.name, str(model.version), model.runtime.provider).set(1)
-        metrics.model_load_seconds.labels(model.name).set(model.load_seconds)
-        feature_store = store or build_store(settings)
         try:
-            await check_feature_schema(feature_store, model.spec)
-            pipeline = ScoringPipeline(registry, feature_store, metrics, settings)
-            app.state.service = ServiceState(settings, metrics, registry, feature_store, pipeline)
-            logger.info("ready: model %s version %d", model.name, model.version)
+            keys = KeyRing(settings.api_keys_file, enabled=settings.auth_enabled)
+        except AuthConfigError as exc:
+            raise StartupError(str(exc)) from exc
+        if not keys.enabled:
+            logger.warning(
+                "AUTHENTICATION IS OFF: anyone who reaches this port can score and change "
+                "models. Set ADSCORE_AUTH_ENABLED=true and ADSCORE_API_KEYS_FILE in production."
+            )
+        feature_store = store or build_store(settings)
+        async with AsyncExitStack() as cleanup:
+            cleanup.push_async_callback(feature_store.close)
+            manager = await start_models(settings, feature_store, metrics)
+            cleanup.push_async_callback(manager.close)
+            pipeline = ScoringPipeline(manager, feature_store, metrics, settings)
+            app.state.service = ServiceState(
+                settings, metrics, manager, feature_store, pipeline, keys
+            )
+            poller = asyncio.create_task(
+                poll_repository(manager, keys, settings.repository_poll_seconds)
+            )
+            cleanup.callback(poller.cancel)
+            plan = manager.plan(manager.default_model)
+            assert plan is not None
+            logger.info("ready: model %s version %d", plan.name, plan.active.version)
             yield
             app.state.service.shutting_down = True
-        finally:
-            await feature_store.close()
 
     app = FastAPI(
         title="adscore",

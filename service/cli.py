@@ -1,4 +1,4 @@
-"""The `adscore` command: serve, demo, train, learning-curve, load-features.
+"""The `adscore` command: serve, demo, train, learning-curve, load-features, models, keys.
 
 Training and the synthetic data set are imported only by the commands that need them, so the
 serving install (no torch) runs every other command.
@@ -68,6 +68,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Serve the demo model on synthetic features in a private redis-server (or in memory)."""
     import shutil
+    import tempfile
 
     from feature_client.memory_store import InMemoryFeatureStore
     from feature_client.redis_server import LocalRedisServer
@@ -85,17 +86,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metadata = repository.read_metadata(base.model_name, repository.active_version(base.model_name))
     world = world_for_model(metadata.dataset, metadata.spec().fingerprint())
     with ExitStack() as stack:
+        # A private copy: versions published to the demo must not land in the source tree.
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adscore-demo-")))
+        shutil.copytree(base.model_repository, scratch / "model_repository")
+        demo_settings: dict[str, Any] = {
+            "model_repository": scratch / "model_repository",
+            "auth_enabled": False,
+        }
+        print(f"model repository: {scratch / 'model_repository'} (a copy, removed on exit)")
+        print("AUTHENTICATION IS OFF in the demo: anyone who reaches the port can change models.")
         store: FeatureStore
         if shutil.which("redis-server") and not args.in_memory:
             server = stack.enter_context(LocalRedisServer())
             print(f"started redis-server on {server.url} (stops with the demo)", flush=True)
-            settings = _settings(args, feature_backend="redis", redis_url=server.url)
+            settings = _settings(
+                args, feature_backend="redis", redis_url=server.url, **demo_settings
+            )
             store = RedisFeatureStore.from_url(server.url, settings.feature_namespace, 5.0)
             serving_store = None
         else:
             reason = "--in-memory" if args.in_memory else "redis-server is not installed"
             print(f"{reason}: using the in-process feature store", flush=True)
-            settings = _settings(args, feature_backend="memory")
+            settings = _settings(args, feature_backend="memory", **demo_settings)
             store = serving_store = InMemoryFeatureStore(settings.feature_namespace)
 
         async def load() -> int:
@@ -351,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--quiet", action="store_true", help="no progress bars")
     load.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     load.set_defaults(handler=cmd_load_features)
+
+    from service.cli_admin import register
+
+    register(commands)
     return parser
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -14,6 +17,7 @@ class ServiceError(Exception):
 
     status_code = 500
     code = "internal_error"
+    headers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -32,6 +36,35 @@ class PayloadTooLarge(ServiceError):
 
     status_code = 413
     code = "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one that is not known."""
+
+    status_code = 401
+    code = "unauthorized"
+    headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServiceError):
+    """A known API key without the role or the tenant the request needs."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class ModelRefused(ServiceError):
+    """A version named by an admin change failed a load check; nothing was changed."""
+
+    status_code = 409
+    code = "model_refused"
+
+
+class Conflict(ServiceError):
+    """The change cannot apply to the current state (no earlier version, the default model)."""
+
+    status_code = 409
+    code = "conflict"
 
 
 class UnknownModel(ServiceError):
@@ -61,7 +94,9 @@ def error_response(status_code: int, code: str, message: str) -> JSONBytesRespon
 
 async def _service_error(_: Request, exc: Exception) -> JSONBytesResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status_code, exc.code, exc.message)
+    response = error_response(exc.status_code, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONBytesResponse:
@@ -74,7 +109,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONBytesResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONBytesResponse:
     assert isinstance(exc, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     response = error_response(
         exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
     )

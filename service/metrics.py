@@ -6,6 +6,8 @@ lists, and model labels name versions, never users, ads or tenants.
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds; dense between 1 and 50 ms, where a scoring request lives.
@@ -72,13 +74,68 @@ class Metrics:
         )
         self.model_info = Gauge(
             "adscore_model_info",
-            "1 for each model version this instance serves.",
-            ["model", "version", "provider"],
+            "1 for each model version this instance serves, by role (active, canary, shadow).",
+            ["model", "version", "provider", "role"],
             registry=registry,
         )
         self.model_load_seconds = Gauge(
             "adscore_model_load_seconds",
-            "Time to verify, open and warm up the serving version.",
+            "Time to verify, open and warm up the version loaded last, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_swaps = Counter(
+            "adscore_model_swaps",
+            "Changes of the active version served, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_refusals = Counter(
+            "adscore_model_refusals",
+            "Versions refused at load (checksum, signature, schema, golden rows), by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_refused = Gauge(
+            "adscore_model_refused",
+            "1 for each version whose last load was refused (the reason is in GET /v1/models).",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.model_unloads = Counter(
+            "adscore_model_unloads",
+            "Models unloaded from this replica (memory budget or admin), by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.loaded_model_bytes = Gauge(
+            "adscore_loaded_model_bytes",
+            "Bytes of model files loaded, counted against the model memory budget.",
+            registry=registry,
+        )
+        self.scored_candidates = Counter(
+            "adscore_scored_candidates",
+            "Candidates scored, by model, version and role (active, canary, shadow).",
+            ["model", "version", "role"],
+            registry=registry,
+        )
+        self.predicted_pcvr_sum = Counter(
+            "adscore_predicted_pcvr_sum",
+            "Sum of the probabilities returned; divided by adscore_scored_candidates_total it is "
+            "the mean pCVR to compare with the observed conversion rate, by version and role.",
+            ["model", "version", "role"],
+            registry=registry,
+        )
+        self.shadow_difference = Histogram(
+            "adscore_shadow_abs_difference",
+            "Mean |shadow - active| probability over the candidates of one request, by model.",
+            ["model"],
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=registry,
+        )
+        self.shadow_dropped = Counter(
+            "adscore_shadow_dropped",
+            "Requests not shadow-scored because the shadow queue was full, by model.",
             ["model"],
             registry=registry,
         )
@@ -87,3 +144,11 @@ class Metrics:
         for entity in ("user", "ad"):
             self.missing_entities.labels(entity)
             self.rejected_feature_values.labels(entity)
+
+    def record_scores(
+        self, model: str, version: int, role: str, scores: npt.NDArray[np.float64]
+    ) -> None:
+        """Count the candidates a version scored and the sum of its probabilities."""
+        labels = (model, str(version), role)
+        self.scored_candidates.labels(*labels).inc(len(scores))
+        self.predicted_pcvr_sum.labels(*labels).inc(float(scores.sum()))

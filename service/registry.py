@@ -1,9 +1,9 @@
-"""The model registry: loads a version with every check, and owns the loaded models.
+"""Loading one model version with every check, into an immutable LoadedModel.
 
-Loading a version: verify the sha256 of model.onnx -> open the onnxruntime session -> check
-its inputs and outputs against the feature spec -> score the golden rows and compare -> warm
-up each batch size -> publish the reference. A version that fails a step is refused with the
-reason. A request takes its model reference once and keeps it until it answers.
+verify the sha256 of model.onnx -> open the onnxruntime session -> check its inputs and
+outputs against the feature spec -> check the spec against the feature store's schema stamp
+-> score the golden rows and compare -> warm up each batch size. A version that fails a step
+is refused with the reason (ModelLoadError). The ModelManager decides what to load and when.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy.typing as npt
 from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, ModelInputs
 from feature_client.codec import EntityCodec
 from feature_client.spec import FeatureSpec, SpecError
+from feature_client.store import SchemaStamp
 from service.calibration import Calibration
-from service.errors import UnknownModel
 from service.model_metadata import ModelMetadata
 from service.repository import ModelRepository, RepositoryError, file_sha256
 from service.runtime import ModelRuntime, OnnxModelRuntime
@@ -48,6 +48,7 @@ class LoadedModel:
     ad_codec: EntityCodec
     loaded_at: datetime
     load_seconds: float
+    size_bytes: int = 0
 
     @classmethod
     def assemble(
@@ -85,6 +86,7 @@ class LoadedModel:
             "created_at": self.metadata.created_at.isoformat(),
             "loaded_at": self.loaded_at.isoformat(),
             "load_seconds": round(self.load_seconds, 4),
+            "size_bytes": self.size_bytes,
             "metrics": self.metadata.metrics,
         }
 
@@ -110,6 +112,18 @@ def _check_signature(runtime: OnnxModelRuntime, spec: FeatureSpec) -> None:
         raise ModelLoadError(f"model outputs are {outputs}, expected one named {LOGIT_OUTPUT!r}")
 
 
+def _check_feature_schema(spec: FeatureSpec, stamp: SchemaStamp | None) -> None:
+    if stamp is None:
+        return
+    expected = SchemaStamp.of(spec)
+    if stamp != expected:
+        raise ModelLoadError(
+            f"the feature store holds schema version {stamp.schema_version} "
+            f"({stamp.fingerprint}); the model needs version {expected.schema_version} "
+            f"({expected.fingerprint}). Reload the features with `adscore load-features`."
+        )
+
+
 def _check_golden_rows(model: LoadedModel) -> None:
     golden = model.metadata.golden
     inputs = ModelInputs(
@@ -133,9 +147,17 @@ def _warm_up(model: LoadedModel, batch_sizes: tuple[int, ...]) -> None:
 
 
 def load_version(
-    repository: ModelRepository, name: str, version: int, settings: Settings
+    repository: ModelRepository,
+    name: str,
+    version: int,
+    settings: Settings,
+    store_stamp: SchemaStamp | None = None,
 ) -> LoadedModel:
-    """Load one version with every check; raises ModelLoadError with the reason."""
+    """Load one version with every check; raises ModelLoadError with the reason.
+
+    `store_stamp` is the feature store's schema stamp; None skips that check (the store was
+    unreachable or holds no stamp yet).
+    """
     started = time.perf_counter()
     try:
         metadata = repository.read_metadata(name, version)
@@ -159,6 +181,7 @@ def load_version(
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise ModelLoadError(f"{path}: onnxruntime cannot open it: {exc}") from exc
     _check_signature(runtime, spec)
+    _check_feature_schema(spec, store_stamp)
     model = LoadedModel.assemble(metadata, runtime)
     _check_golden_rows(model)
     _warm_up(model, settings.warmup_batch_sizes)
@@ -166,24 +189,6 @@ def load_version(
     logger.info(
         "loaded model %s version %d in %.2f s on %s", name, version, seconds, runtime.provider
     )
-    return dataclasses.replace(model, loaded_at=datetime.now(UTC), load_seconds=seconds)
-
-
-class ModelRegistry:
-    """Owns the loaded models, by name."""
-
-    def __init__(self) -> None:
-        self._models: dict[str, LoadedModel] = {}
-
-    def put(self, model: LoadedModel) -> None:
-        # One reference assignment: requests already holding the old model keep it.
-        self._models[model.name] = model
-
-    def get(self, name: str) -> LoadedModel:
-        try:
-            return self._models[name]
-        except KeyError:
-            raise UnknownModel(f"no model named {name!r} is loaded") from None
-
-    def models(self) -> list[LoadedModel]:
-        return list(self._models.values())
+    return dataclasses.replace(
+        model, loaded_at=datetime.now(UTC), load_seconds=seconds, size_bytes=path.stat().st_size
+    )

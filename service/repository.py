@@ -2,41 +2,88 @@
 
     <root>/<name>/<version>/model.onnx
     <root>/<name>/<version>/metadata.json
-    <root>/<name>/policy.json          {"active": <version>}
+    <root>/<name>/policy.json     which version serves, the canary and the shadow
+    <root>/routing.json           tenant -> model name, with a default model
 
 A version is published by writing a hidden temporary folder and renaming it into place, so a
 reader never sees half a version, and the rename fails rather than overwrite a version that
-exists. policy.json is replaced atomically too.
+exists. policy.json and routing.json are replaced atomically too, so a replica polling them
+reads either the old file or the new one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.model_metadata import ModelMetadata
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 POLICY_FILE = "policy.json"
+ROUTING_FILE = "routing.json"
+HISTORY_LENGTH = 20
 
 
 class RepositoryError(Exception):
     """The repository lacks a model or version, or holds a file that cannot be read."""
 
 
-class Policy(BaseModel):
-    """Which version of a model serves."""
+class VersionNotFound(RepositoryError):
+    """The repository has no such model or no such version of it."""
+
+
+class Canary(BaseModel):
+    """A version that scores a fixed share of users, chosen by a hash of the user id."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    active: int
+    version: int = Field(ge=1)
+    weight: float = Field(gt=0.0, le=1.0)
+
+
+class Policy(BaseModel):
+    """Which versions of a model serve: the active one, a canary and a shadow."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    active: int = Field(ge=1)
+    canary: Canary | None = None
+    shadow: int | None = Field(None, ge=1)
+    history: list[int] = Field(default_factory=list)
+    """Earlier active versions, the most recent last: what rollback returns to."""
+
+    def activated(self, version: int) -> Policy:
+        """This policy with `version` active; a canary of that version is thereby promoted."""
+        if version == self.active:
+            return self
+        canary = self.canary if self.canary and self.canary.version != version else None
+        history = [*self.history, self.active][-HISTORY_LENGTH:]
+        return self.model_copy(update={"active": version, "canary": canary, "history": history})
+
+    def rolled_back(self) -> Policy:
+        if not self.history:
+            raise RepositoryError(f"no earlier active version to roll back to from {self.active}")
+        return self.model_copy(update={"active": self.history[-1], "history": self.history[:-1]})
+
+
+class Routing(BaseModel):
+    """Which model scores each tenant; tenants not listed get the default model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default: str
+    tenants: dict[str, str] = Field(default_factory=dict)
+
+    def model_for(self, tenant: str | None) -> str:
+        if tenant is None:
+            return self.default
+        return self.tenants.get(tenant, self.default)
 
 
 def file_sha256(path: Path) -> str:
@@ -91,13 +138,13 @@ class ModelRepository:
             return policy.active
         versions = self.versions(name)
         if not versions:
-            raise RepositoryError(f"no versions of model {name!r} under {self.root}")
+            raise VersionNotFound(f"no versions of model {name!r} under {self.root}")
         return versions[-1]
 
     def read_metadata(self, name: str, version: int) -> ModelMetadata:
         path = self.version_dir(name, version) / METADATA_FILE
         if not path.exists():
-            raise RepositoryError(f"model {name!r} has no version {version} ({path} is missing)")
+            raise VersionNotFound(f"model {name!r} has no version {version} ({path} is missing)")
         try:
             return ModelMetadata.model_validate_json(path.read_bytes())
         except ValidationError as exc:
@@ -106,12 +153,39 @@ class ModelRepository:
     def model_path(self, name: str, version: int) -> Path:
         return self.version_dir(name, version) / MODEL_FILE
 
+    def policy(self, name: str) -> Policy:
+        """The stored policy, or one that serves the newest version when there is none."""
+        return self.read_policy(name) or Policy(active=self.active_version(name))
+
+    def write_policy(self, name: str, policy: Policy) -> None:
+        available = self.versions(name)
+        named = [policy.active, policy.shadow, policy.canary.version if policy.canary else None]
+        for version in named:
+            if version is not None and version not in available:
+                raise VersionNotFound(f"model {name!r} has no version {version}")
+        _write_atomically(self.model_dir(name) / POLICY_FILE, policy.model_dump_json(indent=2))
+
     def set_active(self, name: str, version: int) -> None:
-        if version not in self.versions(name):
-            raise RepositoryError(f"model {name!r} has no version {version}")
-        _write_atomically(
-            self.model_dir(name) / POLICY_FILE, json.dumps(Policy(active=version).model_dump())
-        )
+        current = self.read_policy(name)
+        self.write_policy(name, current.activated(version) if current else Policy(active=version))
+
+    def read_routing(self, default_model: str) -> Routing:
+        """routing.json, or a routing that sends every tenant to `default_model`."""
+        path = self.root / ROUTING_FILE
+        if not path.exists():
+            return Routing(default=default_model)
+        try:
+            return Routing.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise RepositoryError(f"{path}: not a valid routing: {exc}") from exc
+
+    def write_routing(self, routing: Routing) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.root / ROUTING_FILE, routing.model_dump_json(indent=2))
+
+    def watched_files(self, names: list[str]) -> list[Path]:
+        """The small files whose change means replicas must re-sync."""
+        return [self.root / ROUTING_FILE, *(self.model_dir(n) / POLICY_FILE for n in names)]
 
     def publish(
         self, name: str, model_file: Path, metadata: ModelMetadata, *, activate: bool = True

@@ -17,12 +17,21 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 
-from feature_client.assembly import ContextError, assemble_inputs, context_blocks
+from feature_client.assembly import (
+    ContextBlocks,
+    ContextError,
+    ModelInputs,
+    assemble_inputs,
+    context_blocks,
+)
+from feature_client.codec import DecodedRows
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.metrics import Metrics
-from service.registry import ModelRegistry
+from service.registry import LoadedModel
+from service.routing import Router
 from service.settings import Settings
+from service.shadow import ShadowScorer
 
 logger = logging.getLogger("adscore.scoring")
 
@@ -46,6 +55,7 @@ class ScoreResult:
     request_id: str | None
     model: str
     model_version: int
+    role: str
     scores: npt.NDArray[np.float64]
     missing_user: bool
     missing_ads: list[str]
@@ -63,21 +73,22 @@ class ScoreResult:
 
 
 class ScoringPipeline:
-    """Scores requests with the registry's current model and the feature store."""
+    """Scores requests with the version the router picks and the feature store."""
 
     def __init__(
         self,
-        registry: ModelRegistry,
+        router: Router,
         store: FeatureStore,
         metrics: Metrics,
         settings: Settings,
     ) -> None:
-        self._registry = registry
+        self._router = router
         self._store = store
         self._metrics = metrics
         self._settings = settings
         # A limiter of its own, so inference does not queue behind FastAPI's shared pool.
         self._limiter = anyio.CapacityLimiter(settings.inference_threads)
+        self.shadow = ShadowScorer(metrics, settings.shadow_max_pending)
         stage = metrics.stage_seconds
         self._fetch_seconds = stage.labels("feature_fetch")
         self._assembly_seconds = stage.labels("input_assembly")
@@ -98,37 +109,72 @@ class ScoringPipeline:
             logger.debug("scoring on defaults, feature store %s: %s", reason, exc)
             return RawFeatures(None, [None] * len(request.ad_ids)), reason
 
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        model = self._registry.get(self._settings.model_name)
-        started = time.perf_counter()
+    @staticmethod
+    def _context(model: LoadedModel, context: Mapping[str, str | int | float]) -> ContextBlocks:
         try:
-            context_dense, context_ids = context_blocks(model.spec, request.context)
+            return context_blocks(model.spec, context)
         except ContextError as exc:
             raise InvalidRequest(f"context.{exc}") from exc
+
+    @staticmethod
+    def _layout(
+        model: LoadedModel, raw: RawFeatures, context: ContextBlocks
+    ) -> tuple[DecodedRows, DecodedRows, ModelInputs]:
+        context_dense, context_ids = context
+        user = model.user_codec.decode([raw.user])
+        ads = model.ad_codec.decode(raw.ads)
+        inputs = assemble_inputs(
+            len(raw.ads), [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
+        )
+        return user, ads, inputs
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        # One route per request: the versions it names stay alive until it answers.
+        route = self._router.route(request.tenant, request.user_id)
+        model = route.model
+        started = time.perf_counter()
+        # Before the fetch: a bad context is refused without spending a round trip on it.
+        context = self._context(model, request.context)
         context_done = time.perf_counter()
 
         raw, degraded_reason = await self._fetch(request)
         fetched = time.perf_counter()
         self._fetch_seconds.observe(fetched - context_done)
 
-        user = model.user_codec.decode([raw.user])
-        ads = model.ad_codec.decode(raw.ads)
-        n = len(request.ad_ids)
-        inputs = assemble_inputs(
-            n, [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
-        )
+        user, ads, inputs = self._layout(model, raw, context)
         assembled = time.perf_counter()
         self._assembly_seconds.observe(assembled - fetched + context_done - started)
 
         scores = await anyio.to_thread.run_sync(model.score, inputs, limiter=self._limiter)
         self._inference_seconds.observe(time.perf_counter() - assembled)
 
+        n = len(request.ad_ids)
         self._metrics.candidates.observe(n)
+        self._metrics.record_scores(model.name, model.version, route.role, scores)
+        if route.shadow is not None:
+            shadow = route.shadow
+            if shadow.spec == model.spec:
+                shadow_inputs = inputs
+            else:
+                shadow_context = self._context(shadow, request.context)
+                shadow_inputs = self._layout(shadow, raw, shadow_context)[2]
+            self.shadow.submit(shadow, shadow_inputs, scores)
+
+        def result(missing_user: bool, missing_ads: list[str], degraded: bool) -> ScoreResult:
+            return ScoreResult(
+                request.request_id,
+                model.name,
+                model.version,
+                route.role,
+                scores,
+                missing_user,
+                missing_ads,
+                degraded,
+            )
+
         if degraded_reason is not None:
             self._metrics.degraded_responses.labels(degraded_reason).inc()
-            return ScoreResult(
-                request.request_id, model.name, model.version, scores, False, [], True
-            )
+            return result(False, [], True)
         missing_ads = [request.ad_ids[i] for i in np.flatnonzero(~ads.found)]
         missing_user = not bool(user.found[0])
         if missing_user:
@@ -139,6 +185,4 @@ class ScoringPipeline:
             self._metrics.rejected_feature_values.labels("user").inc(user.rejected)
         if ads.rejected:
             self._metrics.rejected_feature_values.labels("ad").inc(ads.rejected)
-        return ScoreResult(
-            request.request_id, model.name, model.version, scores, missing_user, missing_ads, False
-        )
+        return result(missing_user, missing_ads, False)

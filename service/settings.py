@@ -28,7 +28,17 @@ class Settings(BaseSettings):
     model_repository: Path = Path("model_repository")
     """Folder of models: <name>/<version>/{model.onnx,metadata.json} and <name>/policy.json."""
     model_name: str = "pcvr"
-    """The model that scores requests."""
+    """The default model: it scores requests of tenants without a model of their own (routing.json
+    may name another default)."""
+    repository_poll_seconds: float = Field(2.0, gt=0)
+    """How often policy.json, routing.json and the API key file are checked for changes."""
+    model_memory_budget_bytes: int = Field(2 << 30, ge=0)
+    """Bytes of model files loaded at once; idle tenant models are unloaded (LRU) to stay under.
+    The default model always stays loaded."""
+    loader_nice: int = Field(10, ge=0, le=19)
+    """CPU nice value of the model loader thread, so loading yields to scoring."""
+    shadow_max_pending: int = Field(32, ge=1)
+    """Shadow scorings queued at most; past it shadow work is dropped (and counted)."""
     execution_provider: Literal["cpu", "cuda"] = "cpu"
     """onnxruntime execution provider; cuda falls back to cpu with a warning when unavailable."""
     inference_threads: int = Field(2, ge=1, le=64)
@@ -48,6 +58,12 @@ class Settings(BaseSettings):
     """Budget of one feature fetch; past it the request is scored on defaults (degraded)."""
     on_feature_store_error: Literal["degrade", "fail"] = "degrade"
     """When the store fails: score on defaults with degraded=true, or answer 503."""
+
+    auth_enabled: bool = True
+    """Require API keys (see api_keys_file). Turn off only for a local demo."""
+    api_keys_file: Path | None = None
+    """JSON file of hashed API keys with roles and tenants (`adscore keys create` writes it); a
+    Kubernetes secret can be mounted there. Re-read when it changes."""
 
     max_candidates: int = Field(1024, ge=1)
     """More candidates in one request are refused with 413."""

@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from feature_client.store import FeatureStore
+from service.auth import KeyRing
 from service.errors import NotReady
 from service.metrics import Metrics
-from service.registry import ModelRegistry
+from service.model_manager import ModelManager
 from service.scoring import ScoringPipeline
 from service.settings import Settings
 
@@ -21,9 +22,10 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics
-    registry: ModelRegistry
+    models: ModelManager
     store: FeatureStore
     pipeline: ScoringPipeline
+    keys: KeyRing
     shutting_down: bool = False
 
 

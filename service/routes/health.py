@@ -29,7 +29,7 @@ async def readyz(request: Request) -> Response:
     ready = store_ok or state.settings.on_feature_store_error == "degrade"
     body = {
         "ready": ready,
-        "models": {m.name: m.version for m in state.registry.models()},
+        "models": {plan.name: plan.active.version for plan in state.models.plans()},
         "feature_store": "ok" if store_ok else "unreachable",
     }
     return JSONBytesResponse(body, status_code=200 if ready else 503)

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.responses import JSONBytesResponse
+from service.routes.access import ScorerDep
 from service.schemas import (
     ErrorBody,
     RequestLimits,
@@ -45,6 +46,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     summary="Score ad candidates for one user",
     response_model=ScoreResponseBody,
     responses={
+        401: {"model": ErrorBody, "description": "No API key, or an unknown one."},
+        403: {"model": ErrorBody, "description": "The key may not score, or not for this tenant."},
         413: {"model": ErrorBody, "description": "Too many candidates or too large a body."},
         422: {"model": ErrorBody, "description": "Malformed JSON or an invalid field."},
         503: {"model": ErrorBody, "description": "Not ready, or the feature store failed."},
@@ -56,11 +59,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         }
     },
 )
-async def score(request: Request, state: StateDep) -> Response:
+async def score(request: Request, state: StateDep, caller: ScorerDep) -> Response:
     settings = state.settings
     body = await read_body(request, settings.max_body_bytes)
     limits = RequestLimits(settings.max_candidates, settings.max_id_length)
-    result = await state.pipeline.score(parse_score_request(body, limits))
+    score_request = parse_score_request(body, limits)
+    caller.require_tenant(score_request.tenant)
+    result = await state.pipeline.score(score_request)
     started = time.perf_counter()
     response = JSONBytesResponse(result.to_json())
     state.metrics.stage_seconds.labels("response").observe(time.perf_counter() - started)

@@ -51,6 +51,7 @@ def service(trained: TrainedFixture) -> Iterator[RunningService]:
             redis_url=redis_server.url,
             max_candidates=512,
             max_body_bytes=64 * 1024,
+            auth_enabled=False,
         )
         server = LiveServer(create_app(settings))
         server.start()

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_server import LocalRedisServer
 from feature_client.store import SchemaStamp
-from service.app import StartupError, check_feature_schema, create_app, load_serving_model
+from service.app import StartupError, create_app, start_models
+from service.metrics import Metrics
 from service.settings import Settings
 from tests.app.conftest import load_features, world_of
 from tests.conftest import TrainedFixture
@@ -30,6 +32,7 @@ def dead_redis_servers(trained: TrainedFixture) -> Iterator[dict[str, str]]:
                 model_repository=trained.repository,
                 redis_url=redis_server.url,
                 on_feature_store_error=policy,
+                auth_enabled=False,
             )
             servers[policy] = LiveServer(create_app(settings))
             servers[policy].start()
@@ -68,11 +71,12 @@ def test_fail_policy_answers_503(dead_redis_servers: dict[str, str]) -> None:
 def test_features_of_another_schema_refuse_start_up(trained: TrainedFixture) -> None:
     store = InMemoryFeatureStore()
     asyncio.run(store.write_schema(SchemaStamp.of(tiny_spec())))
-    model = load_serving_model(Settings(model_repository=trained.repository))
+    settings = Settings(model_repository=trained.repository)
     with pytest.raises(StartupError, match="load-features"):
-        asyncio.run(check_feature_schema(store, model.spec))
+        asyncio.run(start_models(settings, store, Metrics(CollectorRegistry())))
 
 
 def test_missing_model_refuses_start_up(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path)
     with pytest.raises(StartupError, match="no versions of model 'pcvr'"):
-        load_serving_model(Settings(model_repository=tmp_path))
+        asyncio.run(start_models(settings, InMemoryFeatureStore(), Metrics(CollectorRegistry())))

@@ -38,8 +38,11 @@ def test_models_lists_the_serving_version(client: httpx.Client) -> None:
     body = client.get("/v1/models").json()
     (model,) = body["models"]
     assert model["name"] == "pcvr" and model["active_version"] == 1
-    assert model["model"]["provider"] == "CPUExecutionProvider"
-    assert 0.5 < model["model"]["metrics"]["auc"] < 1
+    assert model["canary"] is None and model["shadow_version"] is None
+    (version,) = model["versions"]
+    assert version["provider"] == "CPUExecutionProvider"
+    assert 0.5 < version["metrics"]["auc"] < 1
+    assert body["default_model"] == "pcvr" and body["refused"] == []
 
 
 def test_score_known_user_and_ads(client: httpx.Client) -> None:

@@ -81,7 +81,12 @@ def test_metrics_show_stage_histograms_after_a_request(service: RunningService) 
     assert _sample(text, "adscore_missing_features_total", entity="ad") >= 1
     assert (
         _sample(
-            text, "adscore_model_info", model="pcvr", provider="CPUExecutionProvider", version="1"
+            text,
+            "adscore_model_info",
+            model="pcvr",
+            provider="CPUExecutionProvider",
+            role="active",
+            version="1",
         )
         == 1
     )

@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from prometheus_client import CollectorRegistry
 
+from feature_client.assembly import ModelInputs
 from feature_client.codec import EntityCodec
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.store import FeatureStoreUnavailable, RawFeatures
-from service.errors import FeaturesUnavailable, InvalidRequest, UnknownModel
+from service.errors import FeaturesUnavailable, InvalidRequest
 from service.metrics import Metrics
-from service.registry import LoadedModel, ModelRegistry
+from service.registry import LoadedModel
+from service.routing import ServingPlan, SinglePlanRouter
 from service.scoring import ScoreRequest, ScoringPipeline
 from service.settings import Settings
 from tests.fixtures import LinearRuntime, metadata_for, tiny_spec
@@ -45,10 +48,11 @@ async def _stored(store: InMemoryFeatureStore) -> None:
 def _pipeline(
     store: InMemoryFeatureStore, runtime: LinearRuntime, **settings: object
 ) -> tuple[ScoringPipeline, Metrics]:
-    registry = ModelRegistry()
-    registry.put(LoadedModel.assemble(metadata_for(SPEC), runtime))
+    router = SinglePlanRouter(
+        ServingPlan("pcvr", LoadedModel.assemble(metadata_for(SPEC), runtime))
+    )
     metrics = Metrics(CollectorRegistry())
-    return ScoringPipeline(registry, store, metrics, Settings(**settings)), metrics  # type: ignore[arg-type]
+    return ScoringPipeline(router, store, metrics, Settings(**settings)), metrics  # type: ignore[arg-type]
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -134,7 +138,55 @@ async def test_every_stage_is_timed() -> None:
         assert _sample(metrics, "adscore_stage_duration_seconds_count", stage=stage) == 1
 
 
-async def test_unknown_model_name_is_reported() -> None:
-    pipeline, _ = _pipeline(InMemoryFeatureStore(), LinearRuntime(), model_name="other")
-    with pytest.raises(UnknownModel, match="other"):
-        await pipeline.score(ScoreRequest("u1", ["a1"], {}))
+class ShiftedRuntime(LinearRuntime):
+    """Another version: the same logits plus one."""
+
+    def predict(self, inputs: ModelInputs) -> npt.NDArray[np.float32]:
+        return super().predict(inputs) + np.float32(1.0)
+
+
+async def test_shadow_scores_off_the_response_and_only_into_metrics() -> None:
+    store = InMemoryFeatureStore()
+    await _stored(store)
+    active_runtime, shadow_runtime = LinearRuntime(), ShiftedRuntime()
+    active = LoadedModel.assemble(metadata_for(SPEC, version=1), active_runtime)
+    shadow = LoadedModel.assemble(metadata_for(SPEC, version=2), shadow_runtime)
+    metrics = Metrics(CollectorRegistry())
+    router = SinglePlanRouter(ServingPlan("pcvr", active, shadow=shadow))
+    pipeline = ScoringPipeline(router, store, metrics, Settings())
+
+    result = await pipeline.score(ScoreRequest("u1", ["a1", "a2"], {}))
+    await pipeline.shadow.drain()
+
+    assert result.model_version == 1 and result.role == "active"
+    np.testing.assert_array_equal(shadow_runtime.calls[0].dense, active_runtime.calls[0].dense)
+    shadow_scores = 1 / (1 + np.exp(-(active_runtime.predict(active_runtime.calls[0]) + 1.0)))
+    labels = {"model": "pcvr", "version": "2", "role": "shadow"}
+    assert _sample(metrics, "adscore_scored_candidates_total", **labels) == 2
+    assert _sample(metrics, "adscore_predicted_pcvr_sum_total", **labels) == pytest.approx(
+        float(shadow_scores.sum()), rel=1e-5
+    )
+    difference = float(np.abs(shadow_scores - result.scores).mean())
+    assert _sample(metrics, "adscore_shadow_abs_difference_sum", model="pcvr") == pytest.approx(
+        difference, rel=1e-5
+    )
+
+
+async def test_a_full_shadow_queue_drops_shadow_work_not_requests() -> None:
+    store = InMemoryFeatureStore()
+    active = LoadedModel.assemble(metadata_for(SPEC, version=1), LinearRuntime())
+    shadow_runtime = ShiftedRuntime()
+    shadow = LoadedModel.assemble(metadata_for(SPEC, version=2), shadow_runtime)
+    metrics = Metrics(CollectorRegistry())
+    router = SinglePlanRouter(ServingPlan("pcvr", active, shadow=shadow))
+    pipeline = ScoringPipeline(router, store, metrics, Settings(shadow_max_pending=1))
+
+    results = [await pipeline.score(ScoreRequest(f"u{i}", ["a1"], {})) for i in range(3)]
+    await pipeline.shadow.drain()
+
+    assert all(r.model_version == 1 for r in results)
+    assert _sample(metrics, "adscore_shadow_dropped_total", model="pcvr") >= 1
+    assert (
+        len(shadow_runtime.calls) + _sample(metrics, "adscore_shadow_dropped_total", model="pcvr")
+        == 3
+    )

@@ -110,9 +110,15 @@ def test_written_metadata_has_the_real_checksum_name_and_version(
 def test_activate_writes_the_policy(repository: ModelRepository, tmp_path: Path) -> None:
     _publish_bytes(repository, tmp_path, b"one")
     policy_path = repository.model_dir(NAME) / POLICY_FILE
-    assert json.loads(policy_path.read_text()) == {"active": 1}
+    assert json.loads(policy_path.read_text()) == {
+        "active": 1,
+        "canary": None,
+        "shadow": None,
+        "history": [],
+    }
     _publish_bytes(repository, tmp_path, b"two", activate=True)
-    assert json.loads(policy_path.read_text()) == {"active": 2}
+    assert json.loads(policy_path.read_text())["active"] == 2
+    assert json.loads(policy_path.read_text())["history"] == [1]
     assert repository.active_version(NAME) == 2
 
 
