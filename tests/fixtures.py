@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -16,6 +21,7 @@ from feature_client.redis_server import free_port
 from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
 from service.calibration import PlattCalibration
 from service.model_metadata import GoldenRows, ModelMetadata, TensorInfo
+from service.repository import ModelRepository
 
 
 def tiny_spec(schema_version: int = 1) -> FeatureSpec:
@@ -95,3 +101,77 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def publish_variant(
+    repository: ModelRepository,
+    name: str,
+    source: tuple[str, int],
+    intercept_shift: float,
+    *,
+    activate: bool = False,
+) -> int:
+    """Publish the ONNX file of `source` (name, version) as a new version of `name` whose
+    calibration adds `intercept_shift` to the log-odds: the same inputs, other scores.
+    Returns the new version."""
+    base = repository.read_metadata(*source)
+    calibration = base.calibration.model_copy(
+        update={"intercept": base.calibration.intercept + intercept_shift}
+    )
+    probabilities = np.asarray(base.golden.probabilities, dtype=np.float64)
+    shifted = 1 / (1 + np.exp(-(np.log(probabilities / (1 - probabilities)) + intercept_shift)))
+    metadata = base.model_copy(
+        update={
+            "calibration": calibration,
+            "golden": base.golden.model_copy(update={"probabilities": shifted.tolist()}),
+        }
+    )
+    written = repository.publish(
+        name, repository.model_path(*source), metadata, activate=activate
+    )
+    return written.version
+
+
+class ServerProcess:
+    """`adscore serve` in a child process, configured by ADSCORE_* variables, logging to a file."""
+
+    def __init__(self, log_path: Path, **settings: object) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.env = os.environ | {f"ADSCORE_{k.upper()}": str(v) for k, v in settings.items()}
+        self.env |= {"ADSCORE_PORT": str(self.port), "ADSCORE_LOG_LEVEL": "info"}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def start(self, timeout_seconds: float = 60.0) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve"],
+                cwd=Path(__file__).resolve().parent.parent,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited during start-up:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not become ready:\n{self.log()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,10 @@ from feature_client.redis_server import LocalRedisServer
 from feature_client.redis_store import RedisFeatureStore
 from models.synthetic import SyntheticWorld, load_world_features, world_for_model
 from service.app import create_app
+from service.auth import add_key
 from service.repository import ModelRepository
 from service.settings import Settings
+from tests.app.lifecycle_support import KEY_HOLDERS, Setup
 from tests.conftest import TrainedFixture
 from tests.fixtures import LiveServer
 
@@ -59,3 +63,31 @@ def service(trained: TrainedFixture) -> Iterator[RunningService]:
             yield RunningService(server.url, settings, world, trained, redis_server)
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def feature_redis(trained: TrainedFixture) -> Iterator[str]:
+    with LocalRedisServer() as server:
+        load_features(server.url, world_of(trained))
+        yield server.url
+
+
+@pytest.fixture
+def setup(trained: TrainedFixture, feature_redis: str, tmp_path: Path) -> Setup:
+    root = tmp_path / "model_repository"
+    shutil.copytree(trained.repository, root)
+    keys_file = tmp_path / "keys.json"
+    keys = {
+        holder: add_key(keys_file, holder, roles, tenants)
+        for holder, (roles, tenants) in KEY_HOLDERS.items()
+    }
+    world = world_of(trained)
+    return Setup(
+        ModelRepository(root),
+        trained.name,
+        keys_file,
+        keys,
+        feature_redis,
+        world.users.keys[1],
+        list(world.ads.keys[:32]),
+    )
