@@ -30,7 +30,7 @@ lint: $(VENV)/.dev-installed  ## ruff format check and lint
 	$(BIN)/ruff check .
 
 typecheck: $(VENV)/.dev-installed  ## mypy --strict
-	$(BIN)/mypy service models feature_client tests
+	$(BIN)/mypy service models feature_client benchmarks tests
 
 pytest: $(VENV)/.dev-installed  ## the test suite alone
 	$(BIN)/pytest

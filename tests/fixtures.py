@@ -10,9 +10,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import numpy.typing as npt
-import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -126,9 +126,7 @@ def publish_variant(
             "golden": base.golden.model_copy(update={"probabilities": shifted.tolist()}),
         }
     )
-    written = repository.publish(
-        name, repository.model_path(*source), metadata, activate=activate
-    )
+    written = repository.publish(name, repository.model_path(*source), metadata, activate=activate)
     return written.version
 
 
