@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -97,10 +99,10 @@ def add_key(path: Path, name: str, roles: list[Role], tenants: list[str] | None)
     key = new_key()
     keys.keys.append(StoredKey(name=name, sha256=key_digest(key), roles=roles, tenants=tenants))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(keys.model_dump_json(indent=2, exclude_none=True) + "\n")
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0o600
+    with os.fdopen(fd, "w") as out:
+        out.write(keys.model_dump_json(indent=2, exclude_none=True) + "\n")
+    os.replace(tmp, path)
     return key
 
 
@@ -117,7 +119,7 @@ class KeyRing:
         self.enabled = enabled
         self._path = path
         self._keys: list[tuple[bytes, Principal]] = []
-        self._signature: tuple[int, int] | None = None
+        self._signature: tuple[int, ...] | None = None
         if enabled:
             self.reload_if_changed(strict=True)
 
@@ -127,10 +129,17 @@ class KeyRing:
             return False
         try:
             stat = self._path.stat()
-            signature = (stat.st_mtime_ns, stat.st_size)
+            # A mounted Kubernetes secret changes by swapping a symlink: the inode changes.
+            signature = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
             if signature == self._signature:
                 return False
             keys = read_key_file(self._path)
+        except FileNotFoundError:
+            message = f"API key file {self._path} does not exist"
+            if strict:
+                raise AuthConfigError(message) from None
+            logger.error("keeping the current API keys: %s", message)
+            return False
         except (OSError, AuthConfigError) as exc:
             if strict:
                 raise AuthConfigError(str(exc)) from None

@@ -55,8 +55,15 @@ def _serve(settings: Settings, store: Any = None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.auth import AuthConfigError, KeyRing
+
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    try:  # a configuration mistake deserves one line, not a traceback from the lifespan
+        KeyRing(settings.api_keys_file, enabled=settings.auth_enabled)
+    except AuthConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     _serve(settings)
     return 0
 

@@ -56,11 +56,15 @@ class Refusal:
 
 
 def lower_thread_priority(nice: int) -> None:
-    """Raise the nice value of the calling thread only (Linux keeps it per thread)."""
+    """Add `nice` to the nice value of the calling thread only (Linux keeps it per thread)."""
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
+    thread = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        # Relative to the thread's current value, so the loader always yields to serving even
+        # when the whole service already runs niced.
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
     except OSError as exc:
         logger.warning("could not lower the model loader's priority: %s", exc)
 
@@ -93,7 +97,7 @@ class ModelManager:
         # Written by the loader thread only, as whole new objects (others iterate them).
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
         self._refused: dict[tuple[str, int], Refusal] = {}
-        # Owned by the event loop.
+        # Owned by the event loop (the loader only stamps a model it has just loaded).
         self._last_used: dict[str, float] = {}
         self._unavailable: dict[str, str] = {}
         self._pending: set[str] = set()
@@ -173,6 +177,8 @@ class ModelManager:
             shadow=shadow,
         )
         if plan != current:
+            if current is None:  # a fresh load counts as a use: LRU must not evict it first
+                self._last_used[name] = time.monotonic()
             self._plans = {**self._plans, name: plan}
             self._release_unused()
             self._publish_plan_metrics()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from feature_client.redis_server import free_port
+from service.auth import KeyRing
 from service.repository import ModelRepository
 
 ADSCORE = [sys.executable, "-m", "service.cli"]
@@ -21,12 +23,52 @@ ROOT = Path(__file__).parents[2]
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["serve"], ["demo"], ["train"], ["learning-curve"], ["load-features"]]
+    "command",
+    [
+        [],
+        ["serve"],
+        ["demo"],
+        ["train"],
+        ["learning-curve"],
+        ["load-features"],
+        ["models"],
+        ["models", "canary"],
+        ["keys", "create"],
+    ],
 )
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run([*ADSCORE, *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: adscore")
+
+
+def test_keys_create_prints_a_key_once_and_stores_its_hash(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    command = [*ADSCORE, "keys", "create", "--file", str(keys_file), "--name", "bidder"]
+    result = subprocess.run(
+        [*command, "--role", "scorer", "--tenant", "acme"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    assert key.startswith("adsk_") and key not in keys_file.read_text()
+    principal = KeyRing(keys_file, enabled=True).authenticate(key)
+    assert principal.name == "bidder" and principal.roles == {"scorer"}
+    assert principal.tenants == frozenset({"acme"})
+    again = subprocess.run([*command, "--role", "admin"], capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a key named 'bidder'" in again.stderr
+
+
+def test_serve_without_keys_refuses_to_start_and_says_how(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*ADSCORE, "serve", "--model-repository", str(ROOT / "demo" / "model_repository"),
+         "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("ADSCORE_")},
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: authentication is on but no API key file is set")
 
 
 def test_unknown_model_repository_is_a_clear_error(tmp_path: Path) -> None:
