@@ -142,8 +142,9 @@ def test_hot_swap_under_load_drops_nothing_and_keeps_p99(
         f"({len(steady)} requests), during the swap {during_p99 * 1000:.2f} ms "
         f"({len(during)} requests), ratio {during_p99 / steady_p99:.2f}"
     )
-    # The goal is 1.5x (see benchmarks/swap_latency.py); a noisy 2-core CI box gets slack.
-    assert during_p99 < max(3 * steady_p99, steady_p99 + 0.05)
+    # The goal is 1.5x, measured by benchmarks/swap_latency.py; the test only catches a swap
+    # that stalls serving (a reload on the event loop costs far more than this bound).
+    assert during_p99 < max(4 * steady_p99, steady_p99 + 0.1)
 
 
 def test_keys_never_reach_the_logs(setup: Setup, replicas: list[ServerProcess]) -> None:
