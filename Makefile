@@ -17,7 +17,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,train]'
+	$(BIN)/pip install --quiet -e '.[dev,train,bench]'
 	touch $@ $(VENV)/.serve-installed
 
 run: $(VENV)/.serve-installed  ## serve the demo model on http://127.0.0.1:8000 (serving deps only)

@@ -317,18 +317,38 @@ def world_for_model(dataset: dict[str, object] | None, spec_fingerprint: str) ->
     return world
 
 
+def same_encoding(a: FeatureSpec, b: FeatureSpec) -> bool:
+    """Whether two specs lay out and encode features identically (dense defaults aside)."""
+
+    def layout(spec: FeatureSpec) -> list[dict[str, object]]:
+        return [{k: v for k, v in f.items() if k != "default"} for f in spec.to_dict()["features"]]
+
+    return a.schema_version == b.schema_version and layout(a) == layout(b)
+
+
 async def load_world_features(
-    store: FeatureStore, world: SyntheticWorld, *, progress: bool = True
+    store: FeatureStore,
+    world: SyntheticWorld,
+    *,
+    spec: FeatureSpec | None = None,
+    progress: bool = True,
 ) -> int:
-    """Write every user's and ad's features, then the schema stamp; returns entities written."""
+    """Write every user's and ad's features, then the schema stamp; returns entities written.
+
+    `spec` stamps the features with a model's spec instead of the world's own: a larger world
+    drawn with the same buckets and vocabularies encodes identically (benchmarks use this).
+    """
+    spec = spec or world.spec
+    if not same_encoding(spec, world.spec):
+        raise DatasetMismatch("the spec does not encode features like this world's spec")
     written = 0
     for source, table in (("user", world.users), ("ad", world.ads)):
         written += await load_arrays(
             store,
-            world.spec,
+            spec,
             source,  # type: ignore[arg-type]
             EntityBatch(table.keys, table.dense, table.ids),
             progress=progress,
         )
-    await stamp_schema(store, world.spec)
+    await stamp_schema(store, spec)
     return written

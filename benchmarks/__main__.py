@@ -1,0 +1,191 @@
+"""The benchmark harness: adscore against the in-process limit and a naive service, in one run.
+
+    python -m benchmarks --out bench-report            # 16-512 candidates, 10 s per point
+    python -m benchmarks --candidates 256 --seconds 20
+    python -m benchmarks --quick                       # a smoke run: small world, 2 s per point
+
+One private redis-server holds the features of a synthetic population (100k users, 200k ads by
+default) encoded with the demo model's spec; every contender gets the same requests in the same
+order. Writes report.md, results.json and latency.png (with the `bench` extra) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks import inprocess, loadgen, population, servers, wrk
+from benchmarks.report import write_report
+from feature_client.redis_server import LocalRedisServer
+from service.repository import ModelRepository
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "model_repository"
+LOADS = (0.3, 0.5, 0.7, 0.9, 1.5)
+
+
+def _closed_loop(
+    service: servers.Service,
+    calls: list[population.ScoreCall],
+    folder: Path,
+    connections: int,
+    seconds: float,
+) -> dict[str, Any]:
+    sizes = [len(c.ad_ids) for c in calls]
+    mean_size = sum(sizes) / len(sizes)
+    cpu = servers.cpu_seconds(service.pid)
+    if wrk.available():
+        raw = wrk.run_wrk(
+            service.port, [c.body for c in calls], folder, connections=connections, seconds=seconds
+        )
+        row: dict[str, Any] = {
+            k: raw[k] for k in ("requests_per_second", "p50_ms", "p95_ms", "p99_ms")
+        }
+        row |= {"errors": raw["errors"], "generator": "wrk"}
+        requests, generator_cpu = raw["requests"], raw["generator_cpu_seconds"]
+    else:
+        payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
+        result = asyncio.run(
+            loadgen.closed_loop(
+                "127.0.0.1", service.port, payloads, sizes, connections=connections, seconds=seconds
+            )
+        )
+        row = {
+            "requests_per_second": result.requests_per_second,
+            "p50_ms": result.percentile_ms(50),
+            "p95_ms": result.percentile_ms(95),
+            "p99_ms": result.percentile_ms(99),
+            "errors": result.completed - result.ok + result.errors,
+            "generator": "python",
+        }
+        requests, generator_cpu = result.completed, result.generator_cpu_seconds
+    server_cpu = servers.cpu_seconds(service.pid) - cpu
+    row["candidates_per_second"] = row["requests_per_second"] * mean_size
+    row["server_cpu_ms_per_request"] = server_cpu / max(1, requests) * 1000
+    row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
+    row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
+    return row
+
+
+def _open_loop(
+    service: servers.Service, calls: list[population.ScoreCall], rate: float, seconds: float
+) -> dict[str, Any]:
+    sizes = [len(c.ad_ids) for c in calls]
+    payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
+    cpu = servers.cpu_seconds(service.pid)
+    result = asyncio.run(
+        loadgen.open_loop("127.0.0.1", service.port, payloads, sizes, rate=rate, seconds=seconds)
+    )
+    server_cpu = servers.cpu_seconds(service.pid) - cpu
+    return {
+        "offered_per_second": rate,
+        "requests_per_second": result.requests_per_second,
+        "candidates_per_second": result.candidates_per_second,
+        "p50_ms": result.percentile_ms(50),
+        "p95_ms": result.percentile_ms(95),
+        "p99_ms": result.percentile_ms(99),
+        "rejected": result.completed - result.ok,
+        "errors": result.errors,
+        "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
+        "generator_cpu_ms_per_request": result.generator_cpu_seconds
+        / max(1, result.completed)
+        * 1000,
+    }
+
+
+def _contender(
+    name: str,
+    service: servers.Service,
+    calls: list[population.ScoreCall],
+    folder: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    print(f"{name}: closed loop, {args.connections} connections", flush=True)
+    closed = _closed_loop(service, calls, folder, args.connections, args.seconds)
+    print(f"  {closed['requests_per_second']:.0f} requests/s", flush=True)
+    curve = []
+    for load in LOADS:
+        rate = load * closed["requests_per_second"]
+        print(f"{name}: open loop at {load:.0%} ({rate:.0f}/s)", flush=True)
+        curve.append({"load": load} | _open_loop(service, calls, rate, args.seconds))
+        print(f"  p50 {curve[-1]['p50_ms']:.1f} ms, p99 {curve[-1]['p99_ms']:.1f} ms", flush=True)
+    # A lone request: the unloaded latency the load points are compared with.
+    unloaded = _open_loop(service, calls, 20.0, min(args.seconds, 5.0))
+    return {"closed_loop": closed, "open_loop": curve, "unloaded": unloaded}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-report"), help="report folder")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement (default 10)")
+    parser.add_argument("--candidates", type=int, help="fixed candidates (default 16-512 mix)")
+    parser.add_argument("--users", type=int, default=100_000, help="population (default 100k)")
+    parser.add_argument("--ads", type=int, default=200_000, help="population (default 200k)")
+    parser.add_argument("--requests", type=int, default=5_000, help="distinct requests")
+    parser.add_argument("--connections", type=int, default=16, help="closed loop (default 16)")
+    parser.add_argument("--skip-naive", action="store_true", help="do not run the naive service")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny and short")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.users, args.ads, args.requests = 2.0, 5_000, 10_000, 500
+
+    repository = ModelRepository(DEMO)
+    metadata = repository.read_metadata("pcvr", repository.active_version("pcvr"))
+    world = population.bench_world(metadata, args.users, args.ads)
+    calls = population.request_mix(world, args.requests, candidates=args.candidates)
+    contexts = [orjson.loads(c.body)["context"] for c in calls]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": _machine(),
+        "population": {"users": args.users, "ads": args.ads, "requests": args.requests},
+        "candidates": args.candidates or "16-512 (log-uniform)",
+        "mean_candidates": sum(len(c.ad_ids) for c in calls) / len(calls),
+        "seconds_per_point": args.seconds,
+    }
+    with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        population.load_population(redis.url, world, metadata.spec())
+        print("in-process limit (2 threads, no HTTP)", flush=True)
+        results["in_process"] = inprocess.in_process_limit(
+            DEMO, "pcvr", redis.url, calls, contexts, threads=2, seconds=args.seconds
+        )
+        print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
+        with servers.adscore(DEMO, redis.url, args.out / "adscore.log") as service:
+            results["adscore"] = _contender("adscore", service, calls, folder, args)
+        if not args.skip_naive:
+            with servers.naive(DEMO, redis.url, args.out / "naive.log") as service:
+                results["naive"] = _contender("naive", service, calls, folder, args)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, args.out)
+    print(f"wrote {args.out / 'report.md'}")
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The in-process limit: feature fetch from the real Redis + input assembly + onnxruntime.
+
+No HTTP, no JSON: the same requests as the services get, on the same number of threads as
+adscore's inference threads (onnxruntime and redis-py's socket reads release the GIL), in this
+one process. adscore over HTTP is judged against this.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+from benchmarks.population import ScoreCall
+from feature_client.assembly import assemble_inputs, context_blocks
+from feature_client.store import KeyLayout
+from service.registry import load_version
+from service.repository import ModelRepository
+from service.settings import Settings
+
+
+def in_process_limit(
+    repository: Path,
+    model_name: str,
+    redis_url: str,
+    calls: Sequence[ScoreCall],
+    contexts: Sequence[dict[str, str | int | float]],
+    *,
+    threads: int,
+    seconds: float,
+) -> dict[str, float]:
+    """Candidates and requests per second, and CPU seconds per request, over `seconds`."""
+    repo = ModelRepository(repository)
+    model = load_version(repo, model_name, repo.active_version(model_name), Settings())
+    keys = KeyLayout("adscore")
+    key_lists = [[keys.user(c.user_id), *(keys.ad(a) for a in c.ad_ids)] for c in calls]
+    context_arrays = [context_blocks(model.spec, c) for c in contexts]
+    done = [0] * threads
+    candidates = [0] * threads
+    deadline = time.perf_counter() + seconds
+
+    def worker(index: int) -> None:
+        client = redis.Redis.from_url(redis_url)
+        i = index
+        while time.perf_counter() < deadline:
+            values: list[bytes | None] = client.mget(key_lists[i % len(calls)])  # type: ignore[assignment]
+            n = len(values) - 1
+            user = model.user_codec.decode(values[:1])
+            ads = model.ad_codec.decode(values[1:])
+            context_dense, context_ids = context_arrays[i % len(calls)]
+            inputs = assemble_inputs(
+                n, [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
+            )
+            model.score(inputs)
+            done[index] += 1
+            candidates[index] += n
+            i += threads
+        client.close()
+
+    cpu = time.process_time()
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu
+    return {
+        "requests_per_second": sum(done) / elapsed,
+        "candidates_per_second": sum(candidates) / elapsed,
+        "cpu_ms_per_request": cpu_seconds / max(1, sum(done)) * 1000,
+    }

@@ -1,0 +1,93 @@
+"""The benchmark's users, ads and request mix.
+
+A synthetic world larger than the demo's (100k users, 200k ads by default), drawn with the demo
+model's hash buckets and vocabularies so its features encode exactly as the model expects, and
+a fixed list of requests: Zipf-popular users and ads, 16-512 candidates (log-uniform) or a fixed
+count. Every service and the in-process limit get the same requests in the same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+import numpy as np
+import orjson
+
+from feature_client.redis_store import RedisFeatureStore
+from feature_client.spec import FeatureSpec
+from models.synthetic import SyntheticConfig, SyntheticWorld, load_world_features
+from service.model_metadata import ModelMetadata
+
+CONTEXT_DEVICES = ("ios", "android", "web")
+CONTEXT_PLACEMENTS = ("feed", "story", "search", "banner")
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """One request of the mix: its ids and its JSON body."""
+
+    user_id: str
+    ad_ids: list[str]
+    body: bytes
+
+
+def bench_world(metadata: ModelMetadata, users: int, ads: int) -> SyntheticWorld:
+    """A world of the given size with the model's buckets (so its spec encodes identically)."""
+    config = (metadata.dataset or {}).get("config")
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"model {metadata.name} v{metadata.version} was not trained on synthetic data"
+        )
+    base = SyntheticConfig(**{str(k): int(v) for k, v in config.items()})
+    return SyntheticWorld(replace(base, users=users, ads=ads, seed=base.seed + 1000))
+
+
+def load_population(redis_url: str, world: SyntheticWorld, spec: FeatureSpec) -> int:
+    async def load() -> int:
+        store = RedisFeatureStore.from_url(redis_url, "adscore", 30.0)
+        try:
+            return await load_world_features(store, world, spec=spec, progress=True)
+        finally:
+            await store.close()
+
+    return asyncio.run(load())
+
+
+def request_mix(
+    world: SyntheticWorld,
+    count: int,
+    *,
+    candidates: int | None = None,
+    smallest: int = 16,
+    largest: int = 512,
+    seed: int = 0,
+) -> list[ScoreCall]:
+    """`count` requests of `candidates` ads each, or of a log-uniform count in [smallest,
+    largest]."""
+    rng = np.random.default_rng(seed)
+    if candidates is None:
+        sizes = np.exp(rng.uniform(np.log(smallest), np.log(largest + 1), count)).astype(int)
+        sizes = np.clip(sizes, smallest, largest)
+    else:
+        sizes = np.full(count, candidates)
+    users = rng.choice(len(world.users.keys), count, p=world.user_weights)
+    pool = iter(rng.choice(len(world.ads.keys), int(sizes.sum()) * 3, p=world.ad_weights))
+    calls: list[ScoreCall] = []
+    for i, size in enumerate(sizes):
+        user_id = world.users.keys[users[i]]
+        chosen: dict[int, None] = {}  # an auction's candidates are distinct ads
+        while len(chosen) < size:
+            chosen.setdefault(int(next(pool)))
+        ad_ids = [world.ads.keys[a] for a in chosen]
+        body = {
+            "user_id": user_id,
+            "context": {
+                "device": CONTEXT_DEVICES[i % 3],
+                "hour": int(rng.integers(0, 24)),
+                "placement": CONTEXT_PLACEMENTS[i % 4],
+            },
+            "candidates": [{"ad_id": a} for a in ad_ids],
+        }
+        calls.append(ScoreCall(user_id, ad_ids, orjson.dumps(body)))
+    return calls

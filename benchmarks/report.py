@@ -1,0 +1,140 @@
+"""Markdown report and latency-vs-throughput plot of one harness run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """The ratios the issue's targets are stated in, as Markdown bullet lines."""
+    lines = []
+    limit = results["in_process"]["candidates_per_second"]
+    ours = results["adscore"]
+    closed = ours["closed_loop"]
+    lines.append(
+        f"- Serving efficiency: adscore {closed['candidates_per_second']:,.0f} candidates/s over "
+        f"HTTP = {_ratio(closed['candidates_per_second'], limit)} the in-process limit "
+        f"({limit:,.0f}/s)."
+    )
+    at70 = next(p for p in ours["open_loop"] if p["load"] == 0.7)
+    unloaded = ours["unloaded"]["p50_ms"]
+    lines.append(
+        f"- Latency at 70 % load: p99 {at70['p99_ms']:.1f} ms = "
+        f"{_ratio(at70['p99_ms'], unloaded)} the unloaded p50 ({unloaded:.1f} ms)."
+    )
+    at150 = next(p for p in ours["open_loop"] if p["load"] == 1.5)
+    lines.append(
+        f"- At 150 % load: {at150['rejected']} requests shed, p99 of the rest "
+        f"{at150['p99_ms']:.0f} ms."
+    )
+    naive = results.get("naive")
+    if naive:
+        speedup = _ratio(
+            closed["candidates_per_second"], naive["closed_loop"]["candidates_per_second"]
+        )
+        lines.append(
+            f"- Versus the naive service: {speedup} "
+            f"candidates/s at saturation; at 70 % of each one's own maximum, p99 "
+            f"{at70['p99_ms']:.1f} ms vs "
+            f"{next(p for p in naive['open_loop'] if p['load'] == 0.7)['p99_ms']:.1f} ms."
+        )
+    return lines
+
+
+def _table(name: str, contender: dict[str, Any]) -> list[str]:
+    closed = contender["closed_loop"]
+    rows = [
+        f"### {name}",
+        "",
+        f"Closed loop ({closed.get('generator', 'python')}): "
+        f"{closed['requests_per_second']:,.0f} requests/s, "
+        f"{closed['candidates_per_second']:,.0f} candidates/s, p50 {closed['p50_ms']:.1f} ms, "
+        f"p99 {closed['p99_ms']:.1f} ms, server CPU {closed['server_cpu_ms_per_request']:.2f} ms "
+        f"per request, generator CPU {closed['generator_cpu_ms_per_request']:.2f} ms per request, "
+        f"RSS {closed['rss_mb']:.0f} MB, errors {closed['errors']:.0f}.",
+        "",
+        f"Unloaded (20 requests/s): p50 {contender['unloaded']['p50_ms']:.2f} ms, "
+        f"p99 {contender['unloaded']['p99_ms']:.2f} ms.",
+        "",
+        "| load | offered/s | done/s | candidates/s | p50 ms | p95 ms | p99 ms | rejected | "
+        "server CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in contender["open_loop"]:
+        rows.append(
+            f"| {p['load']:.0%} | {p['offered_per_second']:.0f} | {p['requests_per_second']:.0f} "
+            f"| {p['candidates_per_second']:,.0f} | {p['p50_ms']:.1f} | {p['p95_ms']:.1f} "
+            f"| {p['p99_ms']:.1f} | {p['rejected']} | {p['server_cpu_ms_per_request']:.2f} |"
+        )
+    return [*rows, ""]
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """latency.png: p50 and p99 against achieved candidates/s; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, style in (("adscore", "-o"), ("naive", "--s")):
+        if name not in results:
+            continue
+        points = results[name]["open_loop"]
+        x = [p["candidates_per_second"] for p in points]
+        axis.plot(x, [p["p99_ms"] for p in points], style, label=f"{name} p99")
+        axis.plot(x, [p["p50_ms"] for p in points], style, alpha=0.5, label=f"{name} p50")
+    limit = results["in_process"]["candidates_per_second"]
+    axis.axvline(limit, color="grey", linestyle=":", label="in-process limit")
+    axis.set_xlabel("candidates scored per second (open loop, Poisson arrivals)")
+    axis.set_ylabel("latency from intended send time (ms)")
+    axis.set_yscale("log")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    axis.set_title(f"adscore, {results['candidates']} candidates per request")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_report(results: dict[str, Any], folder: Path) -> Path:
+    has_plot = plot(results, folder / "latency.png")
+    lines = [
+        "# adscore benchmark",
+        "",
+        f"`{results['command']}` on {results['started']}; {results['machine']}.",
+        f"Population {results['population']['users']:,} users and "
+        f"{results['population']['ads']:,} ads (Zipf popularity), "
+        f"{results['population']['requests']:,} distinct requests of {results['candidates']} "
+        f"candidates (mean {results['mean_candidates']:.0f}); {results['seconds_per_point']:.0f} s "
+        "per point; the load generator, Redis and the server share the machine.",
+        "",
+        "## Headline",
+        "",
+        *headline(results),
+        "",
+        "## In-process limit",
+        "",
+        f"Feature fetch (MGET) + assembly + onnxruntime on 2 threads, no HTTP: "
+        f"{results['in_process']['requests_per_second']:,.0f} requests/s, "
+        f"{results['in_process']['candidates_per_second']:,.0f} candidates/s, "
+        f"{results['in_process']['cpu_ms_per_request']:.2f} ms CPU per request.",
+        "",
+        *_table("adscore", results["adscore"]),
+    ]
+    if "naive" in results:
+        lines += _table("naive service (pydantic per candidate, GET per key, run on the loop)",
+                        results["naive"])  # fmt: skip
+    if has_plot:
+        lines += ["![latency vs throughput](latency.png)", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,90 @@
+"""Start the services under test as child processes and read their CPU time and memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from feature_client.redis_server import free_port
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Service:
+    """A service process on a free loopback port, ready when `ready_path` answers 200."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log: Path, ready_path: str
+    ) -> None:
+        self.name = name
+        self.port = free_port()
+        self._argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self._env = os.environ | {k: v.replace("{port}", str(self.port)) for k, v in env.items()}
+        self._log = log
+        self._ready_path = ready_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Service:
+        with self._log.open("wb") as out:
+            self.process = subprocess.Popen(self._argv, env=self._env, stdout=out, stderr=out)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self._log.read_text()}")
+            try:
+                url = f"http://127.0.0.1:{self.port}{self._ready_path}"
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not become ready:\n{self._log.read_text()}")
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+def adscore(repository: Path, redis_url: str, log: Path, **settings: str) -> Service:
+    env = {
+        "ADSCORE_PORT": "{port}",
+        "ADSCORE_MODEL_REPOSITORY": str(repository),
+        "ADSCORE_REDIS_URL": redis_url,
+        "ADSCORE_AUTH_ENABLED": "false",
+        "ADSCORE_LOG_LEVEL": "warning",
+        "ADSCORE_MAX_CANDIDATES": "1024",
+    } | {f"ADSCORE_{k.upper()}": v for k, v in settings.items()}
+    return Service("adscore", [sys.executable, "-m", "service.cli", "serve"], env, log, "/readyz")
+
+
+def naive(repository: Path, redis_url: str, log: Path) -> Service:
+    argv = [sys.executable, "-m", "benchmarks.naive_service", "--port", "{port}",
+            "--redis-url", redis_url, "--model-repository", str(repository)]  # fmt: skip
+    return Service("naive", argv, {}, log, "/docs")

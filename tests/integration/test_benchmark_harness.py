@@ -1,0 +1,201 @@
+"""The benchmark harness's own logic: request mix, load generator, naive service, report."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from benchmarks import loadgen, population
+from benchmarks.naive_service import build_app
+from benchmarks.report import headline, write_report
+from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
+from service.app import create_app
+from service.repository import ModelRepository
+from service.schemas import RequestLimits, parse_score_request
+from service.settings import Settings
+from tests.fixtures import LiveServer
+
+DEMO = ModelRepository(Path(__file__).parents[2] / "demo" / "model_repository")
+
+
+@pytest.fixture(scope="module")
+def world() -> SyntheticWorld:
+    return population.bench_world(DEMO.read_metadata("pcvr", 1), users=3_000, ads=8_000)
+
+
+def test_the_bench_world_encodes_like_the_demo_model(world: SyntheticWorld) -> None:
+    assert world.spec.fingerprint() != DEMO.read_metadata("pcvr", 1).spec().fingerprint()
+    # ... yet only the dense defaults differ, so the model's spec stamps its features.
+    from models.synthetic import same_encoding
+
+    assert same_encoding(world.spec, DEMO.read_metadata("pcvr", 1).spec())
+    other = SyntheticWorld(SyntheticConfig(users=10, ads=10, user_hash_buckets=64))
+    assert not same_encoding(other.spec, world.spec)
+    with pytest.raises(DatasetMismatch):
+        asyncio.run(load_world_features(None, other, spec=world.spec))  # type: ignore[arg-type]
+
+
+def test_request_mix_is_zipf_ranged_valid_and_repeatable(world: SyntheticWorld) -> None:
+    calls = population.request_mix(world, 2_000, seed=3)
+    sizes = np.array([len(c.ad_ids) for c in calls])
+    assert sizes.min() >= 16 and sizes.max() <= 512
+    assert np.median(sizes) < sizes.mean()  # log-uniform: many small requests, a long tail
+    _, count = Counter(c.user_id for c in calls).most_common(1)[0]
+    assert count > 5 * len(calls) / len(world.users.keys)  # popular users repeat
+    limits = RequestLimits(max_candidates=1024, max_id_length=128)
+    parsed = parse_score_request(calls[0].body, limits)
+    assert parsed.user_id == calls[0].user_id and parsed.ad_ids == calls[0].ad_ids
+    assert all(len(set(c.ad_ids)) == len(c.ad_ids) for c in calls)  # distinct candidates
+    assert [c.body for c in population.request_mix(world, 2_000, seed=3)] == [c.body for c in calls]
+    fixed = population.request_mix(world, 20, candidates=256)
+    assert {len(c.ad_ids) for c in fixed} == {256}
+
+
+class SlowServer:
+    """A one-at-a-time HTTP server that answers after `delay` seconds (a server that queues)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.lock = asyncio.Lock()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                async with self.lock:
+                    await asyncio.sleep(self.delay)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _against_slow_server(kind: str) -> loadgen.LoadResult:
+    server = SlowServer(delay=0.02)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    payloads = [loadgen.encode_post("/v1/score", b'{"a": 1}')]
+    async with listener:
+        if kind == "open":
+            # 100/s offered to a server that does 50/s: the queue grows for the whole second.
+            return await loadgen.open_loop(
+                "127.0.0.1", port, payloads, [3], rate=100, seconds=1.0, seed=1
+            )
+        return await loadgen.closed_loop(
+            "127.0.0.1", port, payloads, [3], connections=1, seconds=1.0
+        )
+
+
+def test_open_loop_charges_queueing_to_latency_but_closed_loop_does_not() -> None:
+    closed = asyncio.run(_against_slow_server("closed"))
+    opened = asyncio.run(_against_slow_server("open"))
+    assert closed.ok == closed.completed > 10
+    assert closed.percentile_ms(99) < 60  # one request at a time: about the service time
+    assert closed.candidates == 3 * closed.ok
+    # Open loop: ~100 arrivals, served at 50/s, so the last waits about a second.
+    assert opened.completed > 60
+    assert opened.percentile_ms(99) > 500
+    assert opened.percentile_ms(50) > 5 * closed.percentile_ms(50)
+
+
+def test_naive_service_scores_like_adscore(redis_url: str, world: SyntheticWorld) -> None:
+    population.load_population(redis_url, world, DEMO.read_metadata("pcvr", 1).spec())
+    call = population.request_mix(world, 1, candidates=32, seed=9)[0]
+    naive = LiveServer(build_app(DEMO.root, "pcvr", redis_url))
+    ours = LiveServer(
+        create_app(Settings(model_repository=DEMO.root, redis_url=redis_url, auth_enabled=False))
+    )
+    naive.start()
+    ours.start()
+    try:
+        headers = {"content-type": "application/json"}
+        theirs = httpx.post(f"{naive.url}/v1/score", content=call.body, headers=headers)
+        mine = httpx.post(f"{ours.url}/v1/score", content=call.body, headers=headers)
+    finally:
+        naive.stop()
+        ours.stop()
+    assert mine.json()["missing"] == {"user": False, "ads": []}
+    np.testing.assert_allclose(theirs.json()["scores"], mine.json()["scores"], rtol=1e-6)
+
+
+def _point(load: float, p99: float, rejected: int = 0) -> dict[str, Any]:
+    return {
+        "load": load, "offered_per_second": 100 * load, "requests_per_second": 90 * load,
+        "candidates_per_second": 9000 * load, "p50_ms": p99 / 3, "p95_ms": p99 / 2,
+        "p99_ms": p99, "rejected": rejected, "server_cpu_ms_per_request": 3.0,
+    }  # fmt: skip
+
+
+def _contender(closed_candidates: float, p99_at_70: float) -> dict[str, Any]:
+    closed = {
+        "requests_per_second": closed_candidates / 100, "candidates_per_second": closed_candidates,
+        "p50_ms": 5.0, "p95_ms": 8.0, "p99_ms": 9.0, "errors": 0, "generator": "wrk",
+        "server_cpu_ms_per_request": 3.0, "generator_cpu_ms_per_request": 0.1, "rss_mb": 100.0,
+    }  # fmt: skip
+    curve = [_point(load, p99_at_70 if load == 0.7 else 10.0, 7 if load == 1.5 else 0)
+             for load in (0.3, 0.5, 0.7, 0.9, 1.5)]  # fmt: skip
+    return {
+        "closed_loop": closed,
+        "open_loop": curve,
+        "unloaded": _point(0.1, 4.0) | {"p50_ms": 2.0},
+    }
+
+
+def test_report_states_the_target_ratios(tmp_path: Path) -> None:
+    results = {
+        "command": "python -m benchmarks", "started": "now", "machine": "2 cores",
+        "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 256,
+        "mean_candidates": 256.0, "seconds_per_point": 1.0,
+        "in_process": {"requests_per_second": 400.0, "candidates_per_second": 100_000.0,
+                       "cpu_ms_per_request": 4.0},
+        "adscore": _contender(90_000.0, 8.0),
+        "naive": _contender(10_000.0, 120.0),
+    }  # fmt: skip
+    lines = headline(results)
+    assert "0.90x the in-process limit" in lines[0]
+    assert "p99 8.0 ms = 4.00x the unloaded p50 (2.0 ms)" in lines[1]
+    assert "7 requests shed" in lines[2]
+    assert "9.00x candidates/s" in lines[3] and "120.0 ms" in lines[3]
+    report = write_report(results, tmp_path).read_text()
+    assert "| 70% | 70 | 63 | 6,300 |" in report
+    assert orjson.loads(orjson.dumps(results)) == results  # results.json can hold them
+
+
+def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path) -> None:
+    demo_world = population.bench_world(DEMO.read_metadata("pcvr", 1), users=10_000, ads=50_000)
+    population.load_population(redis_url, demo_world, DEMO.read_metadata("pcvr", 1).spec())
+    server = LiveServer(
+        create_app(Settings(model_repository=DEMO.root, redis_url=redis_url, auth_enabled=False))
+    )
+    server.start()
+    env = os.environ | {"ADSCORE_BENCH_USERS": "10000", "ADSCORE_BENCH_ADS": "50000"}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "benchmarks/locustfile.py", "--headless",
+             "-u", "2", "-r", "2", "-t", "3s", "--host", server.url, "--csv", str(tmp_path / "l"),
+             "--only-summary"],
+            cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr[-2000:]
+    with (tmp_path / "l_stats.csv").open() as stats:
+        rows = list(csv.DictReader(stats))
+    (score,) = [r for r in rows if r["Name"] == "/v1/score"]
+    assert int(score["Request Count"]) > 10
+    assert int(score["Failure Count"]) == 0
