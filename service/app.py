@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,6 +152,10 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             cleanup.callback(poller.cancel)
             plan = manager.plan(manager.default_model)
             assert plan is not None
+            # Start-up objects (modules, the app, sessions) live for good: move them out of the
+            # collector's generations so full collections under load do not walk them again.
+            gc.collect()
+            gc.freeze()
             logger.info("ready: model %s version %d", plan.name, plan.active.version)
             yield
             app.state.service.shutting_down = True

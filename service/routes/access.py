@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header
 
 from service.auth import Principal, presented_key
-from service.state import StateDep
+from service.state import ServiceState, StateDep
 
 
 def caller(
@@ -18,7 +18,11 @@ def caller(
     return state.keys.authenticate(presented_key(authorization, x_api_key))
 
 
-def scorer(principal: Annotated[Principal, Depends(caller)]) -> Principal:
+def authenticate_scorer(
+    state: ServiceState, authorization: str | None, x_api_key: str | None
+) -> Principal:
+    """The caller, if it may score (role scorer or admin); for routes without dependencies."""
+    principal = state.keys.authenticate(presented_key(authorization, x_api_key))
     if "admin" not in principal.roles:
         principal.require("scorer")
     return principal
@@ -30,5 +34,4 @@ def admin(principal: Annotated[Principal, Depends(caller)]) -> Principal:
 
 
 CallerDep = Annotated[Principal, Depends(caller)]
-ScorerDep = Annotated[Principal, Depends(scorer)]
 AdminDep = Annotated[Principal, Depends(admin)]
