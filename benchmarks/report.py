@@ -62,14 +62,15 @@ def _table(name: str, contender: dict[str, Any]) -> list[str]:
         f"p99 {contender['unloaded']['p99_ms']:.2f} ms.",
         "",
         "| load | offered/s | done/s | candidates/s | p50 ms | p95 ms | p99 ms | rejected | "
-        "server CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "server CPU ms/req | generator CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in contender["open_loop"]:
         rows.append(
             f"| {p['load']:.0%} | {p['offered_per_second']:.0f} | {p['requests_per_second']:.0f} "
             f"| {p['candidates_per_second']:,.0f} | {p['p50_ms']:.1f} | {p['p95_ms']:.1f} "
-            f"| {p['p99_ms']:.1f} | {p['rejected']} | {p['server_cpu_ms_per_request']:.2f} |"
+            f"| {p['p99_ms']:.1f} | {p['rejected']} | {p['server_cpu_ms_per_request']:.2f} "
+            f"| {p.get('generator_cpu_ms_per_request', float('nan')):.2f} |"
         )
     return [*rows, ""]
 
@@ -84,13 +85,15 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     figure, axis = plt.subplots(figsize=(8, 5))
-    for name, style in (("adscore", "-o"), ("naive", "--s")):
+    for name, style, color in (("adscore", "-o", "tab:blue"), ("naive", "--s", "tab:red")):
         if name not in results:
             continue
         points = results[name]["open_loop"]
         x = [p["candidates_per_second"] for p in points]
-        axis.plot(x, [p["p99_ms"] for p in points], style, label=f"{name} p99")
-        axis.plot(x, [p["p50_ms"] for p in points], style, alpha=0.5, label=f"{name} p50")
+        axis.plot(x, [p["p99_ms"] for p in points], style, color=color, label=f"{name} p99")
+        axis.plot(
+            x, [p["p50_ms"] for p in points], style, color=color, alpha=0.4, label=f"{name} p50"
+        )
     limit = results["in_process"]["candidates_per_second"]
     axis.axvline(limit, color="grey", linestyle=":", label="in-process limit")
     axis.set_xlabel("candidates scored per second (open loop, Poisson arrivals)")

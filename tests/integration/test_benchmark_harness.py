@@ -138,6 +138,7 @@ def _point(load: float, p99: float, rejected: int = 0) -> dict[str, Any]:
         "load": load, "offered_per_second": 100 * load, "requests_per_second": 90 * load,
         "candidates_per_second": 9000 * load, "p50_ms": p99 / 3, "p95_ms": p99 / 2,
         "p99_ms": p99, "rejected": rejected, "server_cpu_ms_per_request": 3.0,
+        "generator_cpu_ms_per_request": 0.3,
     }  # fmt: skip
 
 
