@@ -92,6 +92,7 @@ def _open_loop(
         "p95_ms": result.percentile_ms(95),
         "p99_ms": result.percentile_ms(99),
         "rejected": result.completed - result.ok,
+        "rejected_p99_ms": result.percentile_ms(99, accepted=False),
         "errors": result.errors,
         "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
         "generator_cpu_ms_per_request": result.generator_cpu_seconds

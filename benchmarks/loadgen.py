@@ -36,10 +36,16 @@ class LoadResult:
     def ok(self) -> int:
         return sum(1 for s in self.statuses if s == 200)
 
-    def percentile_ms(self, q: float) -> float:
-        if not self.latencies:
+    def percentile_ms(self, q: float, *, accepted: bool = True) -> float:
+        """Latency percentile of the answered requests (200), or of the refused ones."""
+        chosen = [
+            latency
+            for latency, status in zip(self.latencies, self.statuses, strict=True)
+            if (status == 200) == accepted
+        ]
+        if not chosen:
             return float("nan")
-        return float(np.percentile(self.latencies, q) * 1000)
+        return float(np.percentile(chosen, q) * 1000)
 
     @property
     def requests_per_second(self) -> float:

@@ -28,9 +28,15 @@ def headline(results: dict[str, Any]) -> list[str]:
         f"{_ratio(at70['p99_ms'], unloaded)} the unloaded p50 ({unloaded:.1f} ms)."
     )
     at150 = next(p for p in ours["open_loop"] if p["load"] == 1.5)
+    shed = at150["rejected"]
     lines.append(
-        f"- At 150 % load: {at150['rejected']} requests shed, p99 of the rest "
-        f"{at150['p99_ms']:.0f} ms."
+        f"- At 150 % load: {shed} requests shed"
+        + (
+            f" (p99 of a refusal {at150.get('rejected_p99_ms', float('nan')):.1f} ms)"
+            if shed
+            else ""
+        )
+        + f", p99 of the accepted {at150['p99_ms']:.0f} ms."
     )
     naive = results.get("naive")
     if naive:

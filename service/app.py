@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_store import RedisFeatureStore
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, SchemaStamp
+from service.admission import AdmissionControl
 from service.auth import AuthConfigError, KeyRing
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -137,14 +138,15 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
                 "AUTHENTICATION IS OFF: anyone who reaches this port can score and change "
                 "models. Set ADSCORE_AUTH_ENABLED=true and ADSCORE_API_KEYS_FILE in production."
             )
-        feature_store = store or build_store(settings)
+        feature_store = store if store is not None else build_store(settings)
         async with AsyncExitStack() as cleanup:
             cleanup.push_async_callback(feature_store.close)
             manager = await start_models(settings, feature_store, metrics)
             cleanup.push_async_callback(manager.close)
             pipeline = ScoringPipeline(manager, feature_store, metrics, settings)
+            admission = AdmissionControl(settings.max_in_flight, metrics.in_flight, metrics.shed)
             app.state.service = ServiceState(
-                settings, metrics, manager, feature_store, pipeline, keys
+                settings, metrics, manager, feature_store, pipeline, keys, admission
             )
             poller = asyncio.create_task(
                 poll_repository(manager, keys, settings.repository_poll_seconds)

@@ -81,6 +81,14 @@ class FeaturesUnavailable(ServiceError):
     code = "features_unavailable"
 
 
+class Overloaded(ServiceError):
+    """More scoring requests in flight than the replica may hold: shed now, retry elsewhere."""
+
+    status_code = 503
+    code = "overloaded"
+    headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
+
+
 class NotReady(ServiceError):
     """No model is loaded yet, or the service is shutting down."""
 

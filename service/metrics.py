@@ -126,6 +126,16 @@ class Metrics:
             ["model", "version", "role"],
             registry=registry,
         )
+        self.in_flight = Gauge(
+            "adscore_in_flight_requests",
+            "Scoring requests being handled now (the autoscaling signal).",
+            registry=registry,
+        )
+        self.shed = Counter(
+            "adscore_shed_requests",
+            "Scoring requests refused with 503 because max_in_flight were being handled.",
+            registry=registry,
+        )
         self.shadow_difference = Histogram(
             "adscore_shadow_abs_difference",
             "Mean |shadow - active| probability over the candidates of one request, by model.",

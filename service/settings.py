@@ -70,4 +70,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     """Larger request bodies are refused with 413."""
     max_id_length: int = Field(128, ge=1)
+    max_in_flight: int = Field(16, ge=1)
+    """Scoring requests a replica holds at once; beyond, it answers 503 with Retry-After at once
+    instead of queueing (a late score is worth nothing to an auction)."""
     """Longest accepted user_id, ad_id, request_id or tenant."""

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from feature_client.store import FeatureStore
+from service.admission import AdmissionControl
 from service.auth import KeyRing
 from service.errors import NotReady
 from service.metrics import Metrics
@@ -26,6 +27,7 @@ class ServiceState:
     store: FeatureStore
     pipeline: ScoringPipeline
     keys: KeyRing
+    admission: AdmissionControl
     shutting_down: bool = False
 
 

@@ -50,7 +50,10 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         403: {"model": ErrorBody, "description": "The key may not score, or not for this tenant."},
         413: {"model": ErrorBody, "description": "Too many candidates or too large a body."},
         422: {"model": ErrorBody, "description": "Malformed JSON or an invalid field."},
-        503: {"model": ErrorBody, "description": "Not ready, or the feature store failed."},
+        503: {
+            "model": ErrorBody,
+            "description": "Overloaded (with Retry-After), not ready, or the feature store failed.",
+        },
     },
     openapi_extra={
         "requestBody": {
@@ -66,11 +69,12 @@ async def score(request: Request) -> Response:
     headers = request.headers
     caller = authenticate_scorer(state, headers.get("authorization"), headers.get("x-api-key"))
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes)
-    limits = RequestLimits(settings.max_candidates, settings.max_id_length)
-    score_request = parse_score_request(body, limits)
-    caller.require_tenant(score_request.tenant)
-    result = await state.pipeline.score(score_request)
+    with state.admission.admit():  # sheds with 503 before the body is even read
+        body = await read_body(request, settings.max_body_bytes)
+        limits = RequestLimits(settings.max_candidates, settings.max_id_length)
+        score_request = parse_score_request(body, limits)
+        caller.require_tenant(score_request.tenant)
+        result = await state.pipeline.score(score_request)
     started = time.perf_counter()
     response = JSONBytesResponse(result.to_json())
     state.metrics.stage_seconds.labels("response").observe(time.perf_counter() - started)

@@ -1,9 +1,11 @@
-"""A dead Redis: scores on defaults (degrade policy) or 503 (fail policy); start-up refusals."""
+"""A dead Redis: scores on defaults (degrade policy) or 503 (fail policy); start-up refusals;
+a slow store: requests beyond max_in_flight are shed."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_server import LocalRedisServer
-from feature_client.store import SchemaStamp
+from feature_client.store import RawFeatures, SchemaStamp
 from service.app import StartupError, create_app, start_models
 from service.metrics import Metrics
 from service.settings import Settings
@@ -80,3 +82,39 @@ def test_missing_model_refuses_start_up(tmp_path: Path) -> None:
     settings = Settings(model_repository=tmp_path)
     with pytest.raises(StartupError, match="no versions of model 'pcvr'"):
         asyncio.run(start_models(settings, InMemoryFeatureStore(), Metrics(CollectorRegistry())))
+
+
+class SlowStore(InMemoryFeatureStore):
+    """A store that answers after a pause, so requests stay in flight."""
+
+    async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
+        await asyncio.sleep(0.5)
+        return await super().fetch(user_id, ad_ids)
+
+
+def test_requests_beyond_max_in_flight_are_shed_at_once(trained: TrainedFixture) -> None:
+    settings = Settings(
+        model_repository=trained.repository,
+        auth_enabled=False,
+        max_in_flight=2,
+        feature_timeout_ms=5_000,
+    )
+    server = LiveServer(create_app(settings, store=SlowStore()))
+    server.start()
+    try:
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/v1/score", json=REQUEST, timeout=10)
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        metrics = httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 503, 503, 503, 503]
+    for shed in (r for r in responses if r.status_code == 503):
+        assert shed.headers["retry-after"] == "1"
+        assert shed.json()["error"]["code"] == "overloaded"
+    assert "adscore_shed_requests_total 4.0" in metrics
+    assert "adscore_in_flight_requests 0.0" in metrics

@@ -170,7 +170,7 @@ def test_report_states_the_target_ratios(tmp_path: Path) -> None:
     lines = headline(results)
     assert "0.90x the in-process limit" in lines[0]
     assert "p99 8.0 ms = 4.00x the unloaded p50 (2.0 ms)" in lines[1]
-    assert "7 requests shed" in lines[2]
+    assert "7 requests shed" in lines[2] and "p99 of the accepted 10 ms" in lines[2]
     assert "9.00x candidates/s" in lines[3] and "120.0 ms" in lines[3]
     report = write_report(results, tmp_path).read_text()
     assert "| 70% | 70 | 63 | 6,300 |" in report
@@ -200,3 +200,10 @@ def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path
     (score,) = [r for r in rows if r["Name"] == "/v1/score"]
     assert int(score["Request Count"]) > 10
     assert int(score["Failure Count"]) == 0
+
+
+def test_percentiles_separate_answers_from_refusals() -> None:
+    result = loadgen.LoadResult(1.0, [0.010, 0.020, 0.001, 0.002], [200, 200, 503, 503])
+    assert result.percentile_ms(100) == pytest.approx(20.0)
+    assert result.percentile_ms(100, accepted=False) == pytest.approx(2.0)
+    assert result.ok == 2 and result.completed == 4
