@@ -48,6 +48,13 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=registry,
         )
+        self.model_seconds = Histogram(
+            "adscore_model_request_duration_seconds",
+            "Time to score one request (fetch, assembly, inference), by the model that scored it.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.candidates = Histogram(
             "adscore_candidates_per_request",
             "Ad candidates in one scoring request.",

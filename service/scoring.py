@@ -150,6 +150,7 @@ class ScoringPipeline:
 
         n = len(request.ad_ids)
         self._metrics.candidates.observe(n)
+        self._metrics.model_seconds.labels(model.name).observe(time.perf_counter() - started)
         self._metrics.record_scores(model.name, model.version, route.role, scores)
         if route.shadow is not None:
             shadow = route.shadow
