@@ -54,9 +54,11 @@ class LocalRedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_seconds: float = 10.0) -> None:
-        for _ in range(3):  # another process may grab the free port first
-            self.port = free_port()
+    def start(self, timeout_seconds: float = 10.0, *, same_port: bool = False) -> None:
+        """Start on a free port, or again on the last one (`same_port`: a restart)."""
+        for _ in range(1 if same_port else 3):  # another process may grab a free port first
+            if not same_port:
+                self.port = free_port()
             self.process = subprocess.Popen(
                 [
                     self.executable,
@@ -118,4 +120,5 @@ class LocalRedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+        self._workdir.cleanup()
         self._workdir.cleanup()

@@ -133,6 +133,11 @@ class Metrics:
             ["model", "version", "role"],
             registry=registry,
         )
+        self.feature_store_circuit = Gauge(
+            "adscore_feature_store_circuit_state",
+            "Circuit breaker of the feature store: 0 closed, 1 open (no fetch), 2 half-open.",
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "adscore_in_flight_requests",
             "Scoring requests being handled now (the autoscaling signal).",

@@ -26,6 +26,7 @@ from feature_client.assembly import (
 )
 from feature_client.codec import DecodedRows
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
+from service.circuit_breaker import CircuitBreaker
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.metrics import Metrics
 from service.registry import LoadedModel
@@ -89,6 +90,11 @@ class ScoringPipeline:
         # A limiter of its own, so inference does not queue behind FastAPI's shared pool.
         self._limiter = anyio.CapacityLimiter(settings.inference_threads)
         self.shadow = ShadowScorer(metrics, settings.shadow_max_pending)
+        self._breaker = CircuitBreaker(
+            settings.breaker_failure_threshold,
+            settings.breaker_open_seconds,
+            metrics.feature_store_circuit,
+        )
         stage = metrics.stage_seconds
         self._fetch_seconds = stage.labels("feature_fetch")
         self._assembly_seconds = stage.labels("input_assembly")
@@ -99,15 +105,26 @@ class ScoringPipeline:
         budget_ms = self._settings.feature_timeout_ms
         if request.timeout_ms is not None:
             budget_ms = min(budget_ms, request.timeout_ms)
+        if not self._breaker.allow():
+            return self._without_features(request, "circuit_open", "the circuit is open")
         try:
             async with asyncio.timeout(budget_ms / 1000):
-                return await self._store.fetch(request.user_id, request.ad_ids), None
+                raw = await self._store.fetch(request.user_id, request.ad_ids)
         except (FeatureStoreUnavailable, TimeoutError) as exc:
+            self._breaker.record_failure()
             reason = "timeout" if isinstance(exc, TimeoutError) else "unavailable"
-            if self._settings.on_feature_store_error == "fail":
-                raise FeaturesUnavailable(f"feature store {reason}: {exc}") from exc
-            logger.debug("scoring on defaults, feature store %s: %s", reason, exc)
-            return RawFeatures(None, [None] * len(request.ad_ids)), reason
+            return self._without_features(request, reason, str(exc) or reason)
+        self._breaker.record_success()
+        return raw, None
+
+    def _without_features(
+        self, request: ScoreRequest, reason: str, detail: str
+    ) -> tuple[RawFeatures, str]:
+        """Empty vectors and the reason (degrade policy), or FeaturesUnavailable (fail)."""
+        if self._settings.on_feature_store_error == "fail":
+            raise FeaturesUnavailable(f"feature store {reason.replace('_', ' ')}: {detail}")
+        logger.debug("scoring on defaults, feature store %s: %s", reason, detail)
+        return RawFeatures(None, [None] * len(request.ad_ids)), reason
 
     @staticmethod
     def _context(model: LoadedModel, context: Mapping[str, str | int | float]) -> ContextBlocks:

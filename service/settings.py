@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     """Budget of one feature fetch; past it the request is scored on defaults (degraded)."""
     on_feature_store_error: Literal["degrade", "fail"] = "degrade"
     """When the store fails: score on defaults with degraded=true, or answer 503."""
+    breaker_failure_threshold: int = Field(5, ge=1)
+    """Feature-store failures in a row that open the circuit (no fetch is tried while open)."""
+    breaker_open_seconds: float = Field(1.0, gt=0)
+    """How long the circuit stays open before one request probes the store again."""
 
     auth_enabled: bool = True
     """Require API keys (see api_keys_file). Turn off only for a local demo."""
