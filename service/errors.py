@@ -8,6 +8,7 @@ from typing import ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from service.responses import JSONBytesResponse
 
@@ -115,14 +116,28 @@ async def _validation_error(_: Request, exc: Exception) -> JSONBytesResponse:
     return error_response(422, InvalidRequest.code, "; ".join(problems))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONBytesResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method some route accepts on this path (Starlette names only the first route's)."""
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400:  # FastAPI's "error parsing the body": malformed JSON, like /v1/score
+        return error_response(422, InvalidRequest.code, f"body: {exc.detail}")
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     response = error_response(
         exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
     )
     if exc.headers:
         response.headers.update(exc.headers)
+    if exc.status_code == 405:
+        response.headers["Allow"] = _allowed_methods(request)
     return response
 
 

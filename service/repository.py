@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ METADATA_FILE = "metadata.json"
 POLICY_FILE = "policy.json"
 ROUTING_FILE = "routing.json"
 HISTORY_LENGTH = 20
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 class RepositoryError(Exception):
@@ -109,8 +112,11 @@ class ModelRepository:
         self.root = root
 
     def model_dir(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith("."):
-            raise RepositoryError(f"invalid model name {name!r}")
+        if not MODEL_NAME.fullmatch(name):
+            raise RepositoryError(
+                f"invalid model name {name!r}: letters, digits, '.', '_' and '-', at most 128, "
+                "not starting with '.'"
+            )
         return self.root / name
 
     def version_dir(self, name: str, version: int) -> Path:

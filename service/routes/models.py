@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.audit import audit
@@ -23,6 +24,7 @@ from service.errors import Conflict, InvalidRequest, ModelRefused, UnknownModel
 from service.model_metadata import ModelMetadata
 from service.registry import ModelLoadError
 from service.repository import (
+    MODEL_NAME_PATTERN,
     Canary,
     Policy,
     RepositoryError,
@@ -43,6 +45,18 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+NAME_PATTERN = MODEL_NAME_PATTERN
+ModelName = Annotated[
+    str, PathParam(pattern=NAME_PATTERN, description="Model name: letters, digits, . _ -")
+]
+TenantName = Annotated[str, PathParam(min_length=1, max_length=128)]
+
+READ_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No API key, or an unknown one."},
+    404: {"model": ErrorBody, "description": "No such model in the repository."},
+}
+
+
 class VersionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,7 +73,7 @@ class CanaryBody(BaseModel):
 class TenantRouteBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=128)
+    model: str = Field(pattern=NAME_PATTERN)
 
 
 def _policy_json(policy: Policy) -> dict[str, Any]:
@@ -70,7 +84,7 @@ async def _change(
     state: ServiceState,
     who: Principal,
     action: str,
-    name: str,
+    name: ModelName,
     change: Callable[[Policy], Policy],
 ) -> dict[str, Any]:
     try:
@@ -85,13 +99,21 @@ async def _change(
     return {"name": name, "policy": after.model_dump()}
 
 
-@router.get("/v1/models", summary="Models and versions this replica serves")
+@router.get(
+    "/v1/models",
+    summary="Models and versions this replica serves",
+    responses={401: READ_ERRORS[401]},
+)
 async def list_models(state: StateDep, _: CallerDep) -> dict[str, Any]:
     return state.models.describe()
 
 
-@router.get("/v1/models/{name}", summary="A model's policy and published versions")
-async def show_model(name: str, state: StateDep, _: CallerDep) -> dict[str, Any]:
+@router.get(
+    "/v1/models/{name}",
+    summary="A model's policy and published versions",
+    responses=READ_ERRORS,
+)
+async def show_model(name: ModelName, state: StateDep, _: CallerDep) -> dict[str, Any]:
     repository = state.models.repository
 
     def read() -> dict[str, Any]:
@@ -126,7 +148,7 @@ async def show_model(name: str, state: StateDep, _: CallerDep) -> dict[str, Any]
     responses={**ADMIN_ERRORS, 422: {"model": ErrorBody, "description": "Invalid upload."}},
 )
 async def publish_version(
-    name: str,
+    name: ModelName,
     state: StateDep,
     who: AdminDep,
     model: Annotated[UploadFile, File(description="model.onnx")],
@@ -164,7 +186,9 @@ async def publish_version(
 @router.post(
     "/v1/models/{name}/activate", summary="Make a version the active one", responses=ADMIN_ERRORS
 )
-async def activate(name: str, body: VersionBody, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def activate(
+    name: ModelName, body: VersionBody, state: StateDep, who: AdminDep
+) -> dict[str, Any]:
     return await _change(state, who, "activate", name, lambda p: p.activated(body.version))
 
 
@@ -173,7 +197,7 @@ async def activate(name: str, body: VersionBody, state: StateDep, who: AdminDep)
     summary="Return to the previous active version",
     responses=ADMIN_ERRORS,
 )
-async def rollback(name: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def rollback(name: ModelName, state: StateDep, who: AdminDep) -> dict[str, Any]:
     return await _change(state, who, "rollback", name, lambda p: p.rolled_back())
 
 
@@ -182,7 +206,9 @@ async def rollback(name: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
     summary="Score a share of users with another version",
     responses=ADMIN_ERRORS,
 )
-async def set_canary(name: str, body: CanaryBody, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def set_canary(
+    name: ModelName, body: CanaryBody, state: StateDep, who: AdminDep
+) -> dict[str, Any]:
     canary = Canary(version=body.version, weight=body.weight)
 
     def change(policy: Policy) -> Policy:
@@ -194,7 +220,7 @@ async def set_canary(name: str, body: CanaryBody, state: StateDep, who: AdminDep
 
 
 @router.delete("/v1/models/{name}/canary", summary="Stop the canary", responses=ADMIN_ERRORS)
-async def clear_canary(name: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def clear_canary(name: ModelName, state: StateDep, who: AdminDep) -> dict[str, Any]:
     return await _change(
         state, who, "canary", name, lambda p: p.model_copy(update={"canary": None})
     )
@@ -206,7 +232,7 @@ async def clear_canary(name: str, state: StateDep, who: AdminDep) -> dict[str, A
     responses=ADMIN_ERRORS,
 )
 async def set_shadow(
-    name: str, body: VersionBody, state: StateDep, who: AdminDep
+    name: ModelName, body: VersionBody, state: StateDep, who: AdminDep
 ) -> dict[str, Any]:
     return await _change(
         state, who, "shadow", name, lambda p: p.model_copy(update={"shadow": body.version})
@@ -214,7 +240,7 @@ async def set_shadow(
 
 
 @router.delete("/v1/models/{name}/shadow", summary="Stop shadow scoring", responses=ADMIN_ERRORS)
-async def clear_shadow(name: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def clear_shadow(name: ModelName, state: StateDep, who: AdminDep) -> dict[str, Any]:
     return await _change(
         state, who, "shadow", name, lambda p: p.model_copy(update={"shadow": None})
     )
@@ -225,7 +251,7 @@ async def clear_shadow(name: str, state: StateDep, who: AdminDep) -> dict[str, A
     summary="Unload a tenant model from this replica (it loads again on its next request)",
     responses=ADMIN_ERRORS,
 )
-async def unload(name: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def unload(name: ModelName, state: StateDep, who: AdminDep) -> dict[str, Any]:
     plan = state.models.plan(name)
     try:
         await state.models.unload(name)
@@ -243,7 +269,7 @@ async def unload(name: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
     responses=ADMIN_ERRORS,
 )
 async def route_tenant(
-    tenant: str, body: TenantRouteBody, state: StateDep, who: AdminDep
+    tenant: TenantName, body: TenantRouteBody, state: StateDep, who: AdminDep
 ) -> dict[str, Any]:
     repository = state.models.repository
     if not await asyncio.to_thread(repository.versions, body.model):
@@ -256,7 +282,7 @@ async def route_tenant(
     summary="Send a tenant back to the default model",
     responses=ADMIN_ERRORS,
 )
-async def unroute_tenant(tenant: str, state: StateDep, who: AdminDep) -> dict[str, Any]:
+async def unroute_tenant(tenant: TenantName, state: StateDep, who: AdminDep) -> dict[str, Any]:
     return await _set_route(state, who, tenant, None)
 
 

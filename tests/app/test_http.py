@@ -134,3 +134,29 @@ def test_openapi_documents_the_score_body(client: httpx.Client) -> None:
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
     assert set(schema["required"]) == {"user_id", "candidates"}
     assert {"200", "413", "422", "503"} <= set(operation["responses"])
+
+
+def test_a_body_that_is_not_json_is_422_on_every_route(client: httpx.Client) -> None:
+    for body in (b"{not json", b"\xff\xfe{"):  # bad JSON, and bytes that are not even UTF-8
+        response = client.post(
+            "/v1/models/pcvr/activate",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 422, body
+        assert response.json()["error"]["code"] == "invalid_request"
+        assert response.json()["error"]["message"].startswith("body")
+
+
+def test_405_names_every_method_the_path_accepts(client: httpx.Client) -> None:
+    response = client.request("OPTIONS", "/v1/models/pcvr/canary")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, PUT"
+
+
+def test_model_names_outside_the_allowed_characters_are_422(client: httpx.Client) -> None:
+    response = client.get("/v1/models/..%2Fetc")
+    assert response.status_code in (404, 422)
+    response = client.get("/v1/models/bad name!")
+    assert response.status_code == 422
+    assert "name" in response.json()["error"]["message"]
