@@ -22,7 +22,7 @@ class AdmissionControl:
         self.limit = limit
         self.in_flight = 0
         self._gauge = in_flight
-        self._shed = shed
+        self._shed = shed.labels("max_in_flight")
 
     @contextmanager
     def admit(self) -> Iterator[None]:

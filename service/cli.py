@@ -39,19 +39,10 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def _serve(settings: Settings, store: Any = None) -> None:
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve
 
-    app = create_app(settings, store=store)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=30,
-    )
+    serve(create_app(settings, store=store), settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

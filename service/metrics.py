@@ -145,7 +145,8 @@ class Metrics:
         )
         self.shed = Counter(
             "adscore_shed_requests",
-            "Scoring requests refused with 503 because max_in_flight were being handled.",
+            "Scoring requests refused with 503 overloaded, by reason (max_in_flight).",
+            ["reason"],
             registry=registry,
         )
         self.shadow_difference = Histogram(

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     """TCP port to listen on."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of adscore and uvicorn."""
+    shutdown_delay_seconds: float = Field(0.0, ge=0, le=300)
+    """On SIGTERM, fail /readyz but keep serving this long before draining and stopping, so a
+    load balancer that follows readiness stops sending first (Kubernetes: use preStop)."""
     access_log: bool = False
     """One log line per request; off by default because it costs CPU on the hot path."""
 

@@ -116,5 +116,5 @@ def test_requests_beyond_max_in_flight_are_shed_at_once(trained: TrainedFixture)
     for shed in (r for r in responses if r.status_code == 503):
         assert shed.headers["retry-after"] == "1"
         assert shed.json()["error"]["code"] == "overloaded"
-    assert "adscore_shed_requests_total 4.0" in metrics
+    assert 'adscore_shed_requests_total{reason="max_in_flight"} 4.0' in metrics
     assert "adscore_in_flight_requests 0.0" in metrics

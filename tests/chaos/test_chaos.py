@@ -292,3 +292,36 @@ def test_sigterm_mid_load_completes_every_accepted_request(tmp_path: Path, stack
     assert [r.status_code for r in responses] == [200] * 8
     assert not any(r.json()["degraded"] for r in responses)
     assert "Application shutdown complete" in server.log()
+
+
+def test_sigterm_fails_readiness_at_once_and_serves_through_the_drain_delay(
+    tmp_path: Path, stack: Stack
+) -> None:
+    stack.server.stop()
+    server = ServerProcess(
+        tmp_path / "delay.log",
+        model_repository=DEMO,
+        redis_url=stack.redis.url,
+        auth_enabled="false",
+        shutdown_delay_seconds=1.5,
+    )
+    server.start()
+    assert server.process is not None
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        deadline = time.monotonic() + 1.0
+        while client.get("/readyz").status_code != 503:
+            assert time.monotonic() < deadline, "readiness did not fail after SIGTERM"
+        not_ready = time.monotonic() - signalled
+        assert client.get("/readyz").json()["reason"] == "shutting down"
+        served = [client.post("/v1/score", json=_body(i)).status_code for i in range(10)]
+    exit_code = server.process.wait(timeout=60)
+    stopped = time.monotonic() - signalled
+    print(
+        f"chaos SIGTERM with a 1.5 s drain delay: not ready after {not_ready * 1000:.0f} ms, "
+        f"{served.count(200)}/10 scored during the delay, stopped after {stopped:.1f} s"
+    )
+    assert served == [200] * 10
+    assert 1.5 <= stopped < 30
+    assert exit_code in (0, -signal.SIGTERM)

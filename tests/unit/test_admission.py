@@ -16,7 +16,8 @@ def _control(limit: int) -> tuple[AdmissionControl, Metrics]:
 
 
 def _value(metrics: Metrics, name: str) -> float | None:
-    return metrics.registry.get_sample_value(name)
+    labels = {"reason": "max_in_flight"} if name.startswith("adscore_shed") else {}
+    return metrics.registry.get_sample_value(name, labels)
 
 
 def test_requests_beyond_the_limit_are_shed_with_retry_after() -> None:

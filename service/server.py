@@ -1,0 +1,52 @@
+"""uvicorn with a drain phase: on SIGTERM, readiness fails at once and serving goes on for
+`shutdown_delay_seconds`, so load balancers stop sending before the server stops accepting.
+
+Kubernetes gets the same effect from a preStop sleep (deploy/k8s); this covers every other
+load balancer that follows readiness.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.settings import Settings
+
+logger = logging.getLogger("adscore")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, delay_seconds: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._delay = delay_seconds
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self._app.state, "service", None)
+        if state is not None:
+            state.shutting_down = True  # /readyz answers 503 from now on
+        if self._delay <= 0 or self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        logger.info("draining: not ready, still serving for %.1f s", self._delay)
+        timer = threading.Timer(self._delay, super().handle_exit, args=(sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=30,
+    )
+    DrainingServer(config, app, settings.shutdown_delay_seconds).run()
