@@ -43,6 +43,32 @@ def export_onnx(model: nn.Module, example: ModelInputs, path: Path) -> None:
             optimize=True,
             verbose=False,
         )
+    strip_build_paths(path)
+
+
+def strip_build_paths(path: Path) -> None:
+    """Drop the exporter's per-node provenance (source stack traces naming the paths of the
+    machine that exported it): a published model carries weights and graph, not a build log."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        graph.doc_string = ""
+        del graph.metadata_props[:]
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+    for function in model.functions:
+        for node in function.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def signature(dense_width: int, ids_width: int) -> tuple[list[TensorInfo], list[TensorInfo]]:

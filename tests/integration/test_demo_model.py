@@ -37,3 +37,8 @@ def test_synthetic_world_regenerates_identically() -> None:
     world = world_for_model(metadata.dataset, metadata.spec().fingerprint())
     assert len(world.users.keys) == 10_000 and world.users.keys[-1] == "u9999"
     assert len(world.ads.keys) == 50_000 and world.ads.keys[-1] == "a49999"
+
+
+def test_demo_model_carries_no_build_paths() -> None:
+    onnx_bytes = DEMO.model_path(NAME, DEMO.active_version(NAME)).read_bytes()
+    assert b"site-packages" not in onnx_bytes and b'.py", line' not in onnx_bytes

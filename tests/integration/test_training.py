@@ -117,3 +117,10 @@ def _rewrite_metadata(folder: Path, **changes: object) -> None:
     metadata = json.loads((folder / "metadata.json").read_text())
     metadata.update(changes)
     (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def test_exported_models_carry_no_build_paths(trained: TrainedFixture) -> None:
+    repository = ModelRepository(trained.repository)
+    onnx_bytes = repository.model_path(trained.name, trained.version).read_bytes()
+    assert b"site-packages" not in onnx_bytes
+    assert str(Path(__file__).parents[2]).encode() not in onnx_bytes
