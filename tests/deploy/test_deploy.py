@@ -238,12 +238,14 @@ def test_prometheus_scrapes_adscore_and_records_p99(scraped_service: str, tmp_pa
         while time.monotonic() < deadline:
             httpx.post(f"{scraped_service}/v1/score", json=body)
             try:
-                answer = httpx.get(
+                response = httpx.get(
                     f"http://127.0.0.1:{port}/api/v1/query",
                     params={"query": "adscore:score_latency_seconds:p99_5m"},
-                ).json()
+                )
             except httpx.TransportError:
-                answer = {}
+                response = None  # Prometheus is not listening yet
+            # Before its storage is ready Prometheus answers 503 in plain text.
+            answer = response.json() if response is not None and response.status_code == 200 else {}
             result = answer.get("data", {}).get("result", [])
             if result and result[0]["value"][1] not in ("NaN", "+Inf"):
                 value = float(result[0]["value"][1])
