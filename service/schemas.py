@@ -8,6 +8,7 @@ candidates). Every refusal names the offending field, e.g. `candidates[3].ad_id`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +21,15 @@ from service.scoring import ScoreRequest
 MAX_TIMEOUT_MS = 60_000
 
 
+# Ids become Redis keys and log fields: no C0/C1 control characters (newlines, NUL, escapes).
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 class Candidate(BaseModel):
     """One ad competing in the auction; other fields are ignored."""
 
-    ad_id: str = Field(min_length=1, max_length=128, examples=["a17"])
+    ad_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN, examples=["a17"])
 
 
 class ScoreRequestBody(BaseModel):
@@ -43,11 +49,11 @@ class ScoreRequestBody(BaseModel):
     )
 
     request_id: str | None = Field(
-        None, min_length=1, max_length=128, description="Echoed in the response."
+        None, min_length=1, max_length=128, pattern=ID_PATTERN, description="Echoed back."
     )
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     tenant: str | None = Field(
-        None, min_length=1, max_length=128, description="Advertiser account."
+        None, min_length=1, max_length=128, pattern=ID_PATTERN, description="Advertiser account."
     )
     context: dict[str, str | int | float] | None = Field(
         None,
@@ -100,6 +106,8 @@ def _identifier(data: dict[str, Any], field: str, limits: RequestLimits, require
         raise InvalidRequest(f"{field}: expected a non-empty string, got {value!r}")
     if len(value) > limits.max_id_length:
         raise InvalidRequest(f"{field}: longer than {limits.max_id_length} characters")
+    if CONTROL_CHARACTER.search(value):
+        raise InvalidRequest(f"{field}: control characters are not allowed, got {value!r}")
     return value
 
 
@@ -128,6 +136,11 @@ def _candidate_ids(candidates: Any, limits: RequestLimits) -> list[str]:
                 f"characters, got {ad_id!r}"
             )
         ad_ids.append(ad_id)
+    if CONTROL_CHARACTER.search("".join(ad_ids)):  # one scan for all ids; find the culprit after
+        i = next(i for i, ad_id in enumerate(ad_ids) if CONTROL_CHARACTER.search(ad_id))
+        raise InvalidRequest(
+            f"candidates[{i}].ad_id: control characters are not allowed, got {ad_ids[i]!r}"
+        )
     return ad_ids
 
 

@@ -3,6 +3,7 @@ the pydantic model published in the OpenAPI document."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -328,3 +329,30 @@ def test_inline_json_schema_keeps_the_candidate_definition() -> None:
     assert items["properties"]["ad_id"]["maxLength"] == 128
     assert items["required"] == ["ad_id"]
     assert set(schema["required"]) == {"user_id", "candidates"}
+
+
+@pytest.mark.parametrize(
+    ("field", "body"),
+    [
+        ("user_id", {"user_id": "u1\n", "candidates": [{"ad_id": "a1"}]}),
+        (
+            "candidates[1].ad_id",
+            {"user_id": "u1", "candidates": [{"ad_id": "a1"}, {"ad_id": "a\x002"}]},
+        ),
+        ("tenant", {"user_id": "u1", "tenant": "ac\x1bme", "candidates": [{"ad_id": "a1"}]}),
+        ("request_id", {"user_id": "u1", "request_id": "r\x85", "candidates": [{"ad_id": "a1"}]}),
+    ],
+)
+def test_ids_with_control_characters_are_refused_by_both_parsers(
+    field: str, body: dict[str, Any]
+) -> None:
+    raw = orjson.dumps(body)
+    with pytest.raises(InvalidRequest, match=rf"^{re.escape(field)}: control characters"):
+        parse_score_request(raw, LIMITS)
+    assert not _model_accepts(raw)
+
+
+def test_ids_may_hold_any_printable_text() -> None:
+    raw = orjson.dumps({"user_id": "ü:42 x", "candidates": [{"ad_id": "广告-7"}]})
+    assert parse_score_request(raw, LIMITS).ad_ids == ["广告-7"]
+    assert _model_accepts(raw)
