@@ -24,7 +24,7 @@ from service.metrics import Metrics
 from service.model_manager import ModelManager
 from service.registry import ModelLoadError
 from service.repository import ModelRepository, RepositoryError
-from service.routes import health, models, scoring
+from service.routes import health, models, oip, scoring
 from service.routes import metrics as metrics_route
 from service.scoring import ScoringPipeline
 from service.settings import Settings
@@ -170,7 +170,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
     )
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (scoring.router, models.router, health.router, metrics_route.router):
+    for router in (scoring.router, models.router, oip.router, health.router, metrics_route.router):
         app.include_router(router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -126,6 +126,21 @@ class ScoringPipeline:
         logger.debug("scoring on defaults, feature store %s: %s", reason, detail)
         return RawFeatures(None, [None] * len(request.ad_ids)), reason
 
+    async def infer(
+        self, model: LoadedModel, inputs: ModelInputs
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+        """Raw tensors in, logits and calibrated probabilities out (the OIP v2 path): the same
+        inference threads, limiter and metrics as a scoring request."""
+        started = time.perf_counter()
+        logits = await anyio.to_thread.run_sync(
+            model.runtime.predict, inputs, limiter=self._limiter
+        )
+        self._inference_seconds.observe(time.perf_counter() - started)
+        probabilities = model.calibration.apply(logits)
+        self._metrics.candidates.observe(len(probabilities))
+        self._metrics.record_scores(model.name, model.version, "active", probabilities)
+        return logits, probabilities
+
     @staticmethod
     def _context(model: LoadedModel, context: Mapping[str, str | int | float]) -> ContextBlocks:
         try:

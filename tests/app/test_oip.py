@@ -1,0 +1,180 @@
+"""Open Inference Protocol v2 against a live adscore, driven by Triton's own client."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+import tritonclient.http as triton  # type: ignore[import-untyped]
+
+from feature_client.assembly import ModelInputs, assemble_inputs, context_blocks
+from tests.app.conftest import RunningService
+
+CONTEXT: dict[str, str | int | float] = {"device": "ios", "hour": 9, "placement": "feed"}
+
+
+def _case(service: RunningService, n: int = 24) -> tuple[dict[str, Any], ModelInputs]:
+    """A /v1/score body and the raw tensors the model sees for it."""
+    world = service.world
+    user, ads = 3, np.arange(10, 10 + n)
+    context_dense, context_ids = context_blocks(world.spec, CONTEXT)
+    inputs = assemble_inputs(
+        n,
+        [world.users.dense[[user]], world.ads.dense[ads], context_dense],
+        [world.users.ids[[user]], world.ads.ids[ads], context_ids],
+    )
+    body = {
+        "user_id": world.users.keys[user],
+        "context": CONTEXT,
+        "candidates": [{"ad_id": world.ads.keys[a]} for a in ads],
+    }
+    return body, inputs
+
+
+@pytest.fixture
+def client(service: RunningService) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url=service.url.removeprefix("http://"))
+
+
+def test_triton_client_sees_a_live_ready_server_and_model(
+    client: triton.InferenceServerClient,
+) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("pcvr")
+    assert client.is_model_ready("pcvr", "1")
+    assert not client.is_model_ready("nope")
+    metadata = client.get_model_metadata("pcvr")
+    assert [i["name"] for i in metadata["inputs"]] == ["dense", "ids"]
+    assert {o["name"] for o in metadata["outputs"]} == {"logit", "probability"}
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_equals_the_scoring_endpoint(
+    service: RunningService, client: triton.InferenceServerClient, binary: bool
+) -> None:
+    body, inputs = _case(service)
+    dense = triton.InferInput("dense", list(inputs.dense.shape), "FP32")
+    dense.set_data_from_numpy(inputs.dense, binary_data=binary)
+    ids = triton.InferInput("ids", list(inputs.ids.shape), "INT64")
+    ids.set_data_from_numpy(inputs.ids.astype(np.int64), binary_data=binary)
+    outputs = [triton.InferRequestedOutput("probability", binary_data=binary)]
+    result = client.infer("pcvr", [dense, ids], outputs=outputs, request_id="req-7")
+    probabilities = result.as_numpy("probability")
+    assert probabilities is not None and probabilities.shape == (len(inputs.dense),)
+    assert result.get_response()["id"] == "req-7"
+    assert result.get_response()["model_version"] == "1"
+    scored = httpx.post(f"{service.url}/v1/score", json=body).json()["scores"]
+    np.testing.assert_allclose(probabilities, scored, rtol=0, atol=1e-6)
+
+
+def _post(service: RunningService, content: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(f"{service.url}/v2/models/pcvr/infer", content=content, headers=headers)
+
+
+def _json_inputs(inputs: ModelInputs) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {"name": "dense", "shape": list(inputs.dense.shape), "datatype": "FP32",
+             "data": inputs.dense.tolist()},
+            {"name": "ids", "shape": list(inputs.ids.shape), "datatype": "INT64",
+             "data": inputs.ids.reshape(-1).tolist()},
+        ]
+    }  # fmt: skip
+
+
+def test_gzip_bodies_and_all_outputs_by_default(service: RunningService) -> None:
+    _, inputs = _case(service, n=4)
+    response = _post(
+        service, gzip.compress(orjson.dumps(_json_inputs(inputs))), **{"content-encoding": "gzip"}
+    )
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert set(outputs) == {"logit", "probability"}
+    logits = np.asarray(outputs["logit"]["data"])
+    probabilities = np.asarray(outputs["probability"]["data"])
+    assert np.all((probabilities > 0) & (probabilities < 1)) and len(logits) == 4
+
+
+def _binary(inputs: ModelInputs) -> tuple[dict[str, Any], bytes]:
+    dense, ids = inputs.dense.tobytes(), inputs.ids.astype(np.int64).tobytes()
+    header = {
+        "inputs": [
+            {"name": "dense", "shape": list(inputs.dense.shape), "datatype": "FP32",
+             "parameters": {"binary_data_size": len(dense)}},
+            {"name": "ids", "shape": list(inputs.ids.shape), "datatype": "INT64",
+             "parameters": {"binary_data_size": len(ids)}},
+        ]
+    }  # fmt: skip
+    return header, dense + ids
+
+
+def _mutate(inputs: ModelInputs, how: str) -> tuple[bytes, dict[str, str]]:
+    header, blob = _binary(inputs)
+    if how == "shape vs data":
+        body = _json_inputs(inputs)
+        body["inputs"][0]["shape"] = [inputs.dense.shape[0] + 1, inputs.dense.shape[1]]
+        return orjson.dumps(body), {}
+    if how == "unknown input":
+        body = _json_inputs(inputs)
+        body["inputs"][1]["name"] = "sparse"
+        return orjson.dumps(body), {}
+    if how == "wrong datatype":
+        body = _json_inputs(inputs)
+        body["inputs"][0]["datatype"] = "BYTES"
+        return orjson.dumps(body), {}
+    if how == "id out of range":
+        body = _json_inputs(inputs)
+        body["inputs"][1]["data"][0] = 10**9
+        return orjson.dumps(body), {}
+    head = orjson.dumps(header)
+    if how == "truncated binary":
+        return head + blob[:-5], {"Inference-Header-Content-Length": str(len(head))}
+    assert how == "lying header length"
+    return head + blob, {"Inference-Header-Content-Length": str(len(head) + len(blob) + 10)}
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("shape vs data", "values for shape"),
+        ("unknown input", "unknown ['sparse']"),
+        ("wrong datatype", "datatype 'BYTES' is not supported"),
+        ("id out of range", "is outside [0,"),
+        ("truncated binary", "binary data is truncated"),
+        ("lying header length", "does not fit a body"),
+    ],
+)
+def test_malformed_requests_are_400_with_the_reason(
+    service: RunningService, how: str, message: str
+) -> None:
+    _, inputs = _case(service, n=3)
+    content, headers = _mutate(inputs, how)
+    response = _post(service, content, **headers)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def _probabilities(response: httpx.Response) -> npt.NDArray[np.float64]:
+    length = int(response.headers["inference-header-content-length"])
+    header = orjson.loads(response.content[:length])
+    (output,) = header["outputs"]
+    assert output["parameters"]["binary_data_size"] == len(response.content) - length
+    return np.frombuffer(response.content[length:], dtype="<f8")
+
+
+def test_binary_replies_follow_the_json_header(service: RunningService) -> None:
+    _, inputs = _case(service, n=5)
+    header, blob = _binary(inputs)
+    header["outputs"] = [{"name": "probability", "parameters": {"binary_data": True}}]
+    head = orjson.dumps(header)
+    response = _post(service, head + blob, **{"Inference-Header-Content-Length": str(len(head))})
+    assert response.status_code == 200, response.text
+    probabilities = _probabilities(response)
+    assert probabilities.shape == (5,) and np.all((probabilities > 0) & (probabilities < 1))
