@@ -7,6 +7,7 @@ pipeline's inference threads, limiter and metrics; auth is the same as /v1/score
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,12 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, ModelInputs
+from service.audit import audit
+from service.auth import Principal, presented_key
 from service.errors import ServiceError
 from service.oip import OipError, decompress, encode_reply, parse_infer
-from service.registry import LoadedModel
+from service.registry import LoadedModel, ModelLoadError
+from service.repository import RepositoryError
 from service.responses import JSONBytesResponse
 from service.routes.access import authenticate_scorer
 from service.state import ServiceState, get_state
@@ -50,6 +54,20 @@ def _caller_state(request: Request) -> ServiceState:
     headers = request.headers
     authenticate_scorer(state, headers.get("authorization"), headers.get("x-api-key"))
     return state
+
+
+def _admin(request: Request) -> tuple[ServiceState, Principal]:
+    state = get_state(request)
+    headers = request.headers
+    principal = state.keys.authenticate(
+        presented_key(headers.get("authorization"), headers.get("x-api-key"))
+    )
+    principal.require("admin")
+    return state, principal
+
+
+def _service_error(exc: ServiceError) -> Response:
+    return JSONBytesResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
 
 
 def _model(state: ServiceState, name: str, version: str | None) -> LoadedModel:
@@ -152,7 +170,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     except OipError as exc:
         return _error(exc)
     except ServiceError as exc:  # auth, overload: the protocol's error shape, the same status
-        return JSONBytesResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+        return _service_error(exc)
     available: dict[str, npt.NDArray[Any]] = {
         LOGIT_OUTPUT: logits,
         PROBABILITY_OUTPUT: probabilities,
@@ -213,3 +231,104 @@ def _model_inputs(model: LoadedModel, tensors: dict[str, Any]) -> ModelInputs:
             f"[0, {int(limits[column])}) for {model.spec.categorical_names[column]!r}"
         )
     return ModelInputs(np.ascontiguousarray(dense), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+@router.get("/v2/models/{name}/config", summary="Model configuration", responses=MODEL_ERRORS)
+async def model_config(request: Request, name: str) -> Response:
+    try:
+        state = _caller_state(request)
+        model = _model(state, name, None)
+    except OipError as exc:
+        return _error(exc)
+    spec = model.spec
+    return JSONBytesResponse(
+        {
+            "name": model.name,
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": state.settings.max_candidates,
+            "input": [
+                {"name": DENSE_INPUT, "data_type": "TYPE_FP32", "dims": [len(spec.dense_names)]},
+                {
+                    "name": IDS_INPUT,
+                    "data_type": "TYPE_INT64",
+                    "dims": [len(spec.categorical_names)],
+                },
+            ],
+            "output": [
+                {"name": LOGIT_OUTPUT, "data_type": "TYPE_FP32", "dims": []},
+                {"name": PROBABILITY_OUTPUT, "data_type": "TYPE_FP64", "dims": []},
+            ],
+        }
+    )
+
+
+@router.post(
+    "/v2/repository/index",
+    summary="Models in the repository and their state (role admin)",
+    responses=_errors(401, 403),
+)
+async def repository_index(request: Request) -> Response:
+    try:
+        state, _ = _admin(request)
+    except ServiceError as exc:
+        return _service_error(exc)
+    repository = state.models.repository
+
+    def listing() -> list[dict[str, Any]]:
+        root = repository.root
+        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        entries = []
+        for name in names:
+            try:
+                versions = repository.versions(name)
+            except RepositoryError:
+                continue
+            if not versions:
+                continue
+            plan = state.models.plan(name)
+            if plan is None:
+                entries.append({"name": name, "version": str(versions[-1]), "state": "UNAVAILABLE",
+                                "reason": "not loaded on this replica"})  # fmt: skip
+            else:
+                entries.append(
+                    {"name": name, "version": str(plan.active.version), "state": "READY"}
+                )
+        return entries
+
+    return JSONBytesResponse(await asyncio.to_thread(listing))
+
+
+@router.post(
+    "/v2/repository/models/{name}/load",
+    summary="Load a model's policy versions on this replica (role admin)",
+    responses=_errors(400, 401, 403),
+)
+async def repository_load(request: Request, name: str) -> Response:
+    try:
+        state, principal = _admin(request)
+        await state.models.sync(name)
+    except ServiceError as exc:
+        return _service_error(exc)
+    except ModelLoadError as exc:
+        return _error(OipError(f"failed to load {name!r}: {exc}"))
+    audit(principal, "load", name, None, state.models.plan(name) is not None)
+    return JSONBytesResponse({})
+
+
+@router.post(
+    "/v2/repository/models/{name}/unload",
+    summary="Unload a tenant model from this replica (role admin)",
+    responses=_errors(400, 401, 403),
+)
+async def repository_unload(request: Request, name: str) -> Response:
+    try:
+        state, principal = _admin(request)
+        await state.models.unload(name)
+    except ServiceError as exc:
+        return _service_error(exc)
+    except KeyError:
+        return _error(OipError(f"model {name!r} is not loaded on this replica"))
+    except ValueError as exc:
+        return _error(OipError(str(exc)))
+    audit(principal, "unload", name, True, None)
+    return JSONBytesResponse({})

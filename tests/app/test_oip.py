@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -11,9 +12,14 @@ import numpy.typing as npt
 import orjson
 import pytest
 import tritonclient.http as triton  # type: ignore[import-untyped]
+from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from feature_client.assembly import ModelInputs, assemble_inputs, context_blocks
+from service.app import create_app
+from service.settings import Settings
 from tests.app.conftest import RunningService
+from tests.app.lifecycle_support import Setup
+from tests.fixtures import LiveServer, publish_variant
 
 CONTEXT: dict[str, str | int | float] = {"device": "ios", "hour": 9, "placement": "feed"}
 
@@ -178,3 +184,41 @@ def test_binary_replies_follow_the_json_header(service: RunningService) -> None:
     assert response.status_code == 200, response.text
     probabilities = _probabilities(response)
     assert probabilities.shape == (5,) and np.all((probabilities > 0) & (probabilities < 1))
+
+
+@pytest.fixture
+def secured(setup: Setup) -> Iterator[tuple[triton.InferenceServerClient, Setup]]:
+    server = LiveServer(create_app(Settings(**setup.settings())))  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield triton.InferenceServerClient(url=server.url.removeprefix("http://")), setup
+    finally:
+        server.stop()
+
+
+def test_repository_extension_loads_and_unloads_with_the_admin_role(
+    secured: tuple[triton.InferenceServerClient, Setup],
+) -> None:
+    client, setup = secured
+    admin, scorer = setup.auth("ml-admin"), setup.auth("ad-server")
+    tenant_model = f"{setup.name}-acme"
+    publish_variant(setup.repository, tenant_model, (setup.name, 1), 1.0, activate=True)
+
+    index = {m["name"]: m for m in client.get_model_repository_index(headers=admin)}
+    assert index[setup.name]["state"] == "READY"
+    assert index[tenant_model]["state"] == "UNAVAILABLE"
+
+    for headers, status in ((scorer, "403"), ({}, "401")):
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model(tenant_model, headers=headers)
+        assert status in str(refused.value.status())
+    assert not client.is_model_ready(tenant_model, headers=scorer)
+
+    client.load_model(tenant_model, headers=admin)
+    assert client.is_model_ready(tenant_model, headers=scorer)
+    config = client.get_model_config(tenant_model, headers=scorer)
+    assert config["max_batch_size"] > 0 and config["input"][0]["name"] == "dense"
+    client.unload_model(tenant_model, headers=admin)
+    assert not client.is_model_ready(tenant_model, headers=scorer)
+    with pytest.raises(InferenceServerException, match="default model"):
+        client.unload_model(setup.name, headers=admin)
