@@ -135,7 +135,9 @@ class ScoringPipeline:
         logits = await anyio.to_thread.run_sync(
             model.runtime.predict, inputs, limiter=self._limiter
         )
-        self._inference_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._inference_seconds.observe(elapsed)
+        self._metrics.model_seconds.labels(model.name).observe(elapsed)
         probabilities = model.calibration.apply(logits)
         self._metrics.candidates.observe(len(probabilities))
         self._metrics.record_scores(model.name, model.version, "active", probabilities)

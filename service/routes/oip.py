@@ -332,3 +332,54 @@ async def repository_unload(request: Request, name: str) -> Response:
         return _error(OipError(str(exc)))
     audit(principal, "unload", name, True, None)
     return JSONBytesResponse({})
+
+
+@router.get("/v2/models/{name}/stats", summary="Model statistics", responses=MODEL_ERRORS)
+@router.get(
+    "/v2/models/{name}/versions/{version}/stats",
+    summary="Model version statistics",
+    responses=MODEL_ERRORS,
+)
+async def model_stats(request: Request, name: str, version: str | None = None) -> Response:
+    """Triton's statistics extension, read from the Prometheus counters: rows scored per
+    version; requests and their time per model (reported on the active version)."""
+    try:
+        state = _caller_state(request)
+        _model(state, name, version)
+    except OipError as exc:
+        return _error(exc)
+    except ServiceError as exc:
+        return _service_error(exc)
+    plan = state.models.plan(name)
+    assert plan is not None
+    registry = state.metrics.registry
+
+    def sample(metric: str, **labels: str) -> float:
+        return registry.get_sample_value(metric, labels) or 0.0
+
+    requests = int(sample("adscore_model_request_duration_seconds_count", model=name))
+    nanoseconds = int(sample("adscore_model_request_duration_seconds_sum", model=name) * 1e9)
+    entries = []
+    for model in plan.versions():
+        if version is not None and str(model.version) != version:
+            continue
+        rows = sum(
+            sample("adscore_scored_candidates_total", model=name, version=str(model.version),
+                   role=role)
+            for role in ("active", "canary", "shadow")
+        )  # fmt: skip
+        is_active = model is plan.active
+        count, ns = (requests, nanoseconds) if is_active else (0, 0)
+        entries.append(
+            {
+                "name": name,
+                "version": str(model.version),
+                "inference_count": int(rows),
+                "execution_count": count,
+                "inference_stats": {
+                    "success": {"count": count, "ns": ns},
+                    "fail": {"count": 0, "ns": 0},
+                },
+            }
+        )
+    return JSONBytesResponse({"model_stats": entries})

@@ -222,3 +222,25 @@ def test_repository_extension_loads_and_unloads_with_the_admin_role(
     assert not client.is_model_ready(tenant_model, headers=scorer)
     with pytest.raises(InferenceServerException, match="default model"):
         client.unload_model(setup.name, headers=admin)
+
+
+def test_statistics_count_what_was_scored(
+    service: RunningService, client: triton.InferenceServerClient
+) -> None:
+    def stats() -> dict[str, Any]:
+        (entry,) = client.get_inference_statistics("pcvr")["model_stats"]
+        assert isinstance(entry, dict)
+        return entry
+
+    before = stats()
+    _, inputs = _case(service, n=7)
+    dense = triton.InferInput("dense", list(inputs.dense.shape), "FP32")
+    dense.set_data_from_numpy(inputs.dense)
+    ids = triton.InferInput("ids", list(inputs.ids.shape), "INT64")
+    ids.set_data_from_numpy(inputs.ids.astype(np.int64))
+    client.infer("pcvr", [dense, ids])
+    after = stats()
+    assert after["version"] == "1"
+    assert after["inference_count"] - before["inference_count"] == 7
+    assert after["execution_count"] - before["execution_count"] == 1
+    assert after["inference_stats"]["success"]["ns"] > before["inference_stats"]["success"]["ns"]
