@@ -18,13 +18,13 @@ from starlette.responses import Response
 
 from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, ModelInputs
 from service.audit import audit
-from service.auth import Principal, presented_key
+from service.auth import Principal
 from service.errors import ServiceError
 from service.oip import OipError, decompress, encode_reply, parse_infer
 from service.registry import LoadedModel, ModelLoadError
 from service.repository import RepositoryError
 from service.responses import JSONBytesResponse
-from service.routes.access import authenticate_scorer
+from service.routes.access import authenticate
 from service.state import ServiceState, get_state
 
 router = APIRouter(tags=["open inference protocol v2"])
@@ -51,19 +51,13 @@ def _error(exc: OipError) -> Response:
 
 def _caller_state(request: Request) -> ServiceState:
     state = get_state(request)
-    headers = request.headers
-    authenticate_scorer(state, headers.get("authorization"), headers.get("x-api-key"))
+    authenticate(state, request.headers, "scorer")
     return state
 
 
 def _admin(request: Request) -> tuple[ServiceState, Principal]:
     state = get_state(request)
-    headers = request.headers
-    principal = state.keys.authenticate(
-        presented_key(headers.get("authorization"), headers.get("x-api-key"))
-    )
-    principal.require("admin")
-    return state, principal
+    return state, authenticate(state, request.headers, "admin")
 
 
 def _service_error(exc: ServiceError) -> Response:

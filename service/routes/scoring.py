@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.responses import JSONBytesResponse
-from service.routes.access import authenticate_scorer
+from service.routes.access import authenticate
 from service.schemas import (
     ErrorBody,
     RequestLimits,
@@ -66,8 +66,7 @@ async def score(request: Request) -> Response:
     # No FastAPI dependencies on the hot path: resolving them cost about a fifth of the event
     # loop's time per request (profiled under load); the same checks run inline.
     state = get_state(request)
-    headers = request.headers
-    caller = authenticate_scorer(state, headers.get("authorization"), headers.get("x-api-key"))
+    caller = authenticate(state, request.headers, "scorer")
     settings = state.settings
     with state.admission.admit():  # sheds with 503 before the body is even read
         body = await read_body(request, settings.max_body_bytes)
