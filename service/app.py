@@ -144,6 +144,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             manager = await start_models(settings, feature_store, metrics)
             cleanup.push_async_callback(manager.close)
             pipeline = ScoringPipeline(manager, feature_store, metrics, settings)
+            cleanup.callback(pipeline.close)
             admission = AdmissionControl(settings.max_in_flight, metrics.in_flight, metrics.shed)
             app.state.service = ServiceState(
                 settings, metrics, manager, feature_store, pipeline, keys, admission

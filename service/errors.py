@@ -90,6 +90,13 @@ class Overloaded(ServiceError):
     headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
 
 
+class DeadlineExceeded(ServiceError):
+    """The request's timeout_ms ran out before it could be scored: an honest, immediate no."""
+
+    status_code = 503
+    code = "deadline_exceeded"
+
+
 class NotReady(ServiceError):
     """No model is loaded yet, or the service is shutting down."""
 

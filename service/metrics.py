@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.batcher import BatchMetrics
+
 # Seconds; dense between 1 and 50 ms, where a scoring request lives.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
@@ -145,8 +147,32 @@ class Metrics:
         )
         self.shed = Counter(
             "adscore_shed_requests",
-            "Scoring requests refused with 503 overloaded, by reason (max_in_flight).",
+            "Scoring requests refused with 503 at once, by reason (max_in_flight, queued_rows, "
+            "deadline).",
             ["reason"],
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "adscore_batch_rows",
+            "Candidate rows in one model call (micro-batches merge concurrent requests).",
+            buckets=CANDIDATE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            "adscore_batch_requests",
+            "Requests merged into one model call.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        )
+        self.batch_queue_seconds = Histogram(
+            "adscore_batch_queue_seconds",
+            "Time a request waited for an inference thread (and for its batch to fill).",
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.queued_rows = Gauge(
+            "adscore_queued_rows",
+            "Candidate rows waiting for an inference thread.",
             registry=registry,
         )
         self.shadow_difference = Histogram(
@@ -167,6 +193,15 @@ class Metrics:
         for entity in ("user", "ad"):
             self.missing_entities.labels(entity)
             self.rejected_feature_values.labels(entity)
+
+    def batching(self) -> BatchMetrics:
+        return BatchMetrics(
+            self.batch_rows,
+            self.batch_requests,
+            self.batch_queue_seconds,
+            self.queued_rows,
+            self.shed,
+        )
 
     def record_scores(
         self, model: str, version: int, role: str, scores: npt.NDArray[np.float64]

@@ -61,7 +61,11 @@ class ScoreRequestBody(BaseModel):
     )
     candidates: list[Candidate] = Field(min_length=1, description="Scored in this order.")
     timeout_ms: float | None = Field(
-        None, gt=0, le=MAX_TIMEOUT_MS, description="Budget for the feature fetch, in ms."
+        None,
+        gt=0,
+        le=MAX_TIMEOUT_MS,
+        description="The request's budget in ms (default: the service's request_timeout_ms). "
+        "Past it the request is refused with 503 deadline_exceeded rather than answered late.",
     )
 
 

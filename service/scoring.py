@@ -2,7 +2,12 @@
 
 fetch the user's and the candidates' feature vectors (one store round trip)
 -> decode them and lay out the model inputs (numpy, no per-feature loop)
--> run the model in a worker thread -> calibrate -> one probability per candidate
+-> run the model on an inference thread, merged with concurrent requests (the micro-batcher)
+-> calibrate -> one probability per candidate
+
+A request's deadline (its timeout_ms, or request_timeout_ms) is spent across the stages: the
+fetch gets most of what is left of it, and a request still waiting for the model when it passes is
+refused at once rather than scored late.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import anyio
 import numpy as np
 import numpy.typing as npt
 
@@ -26,6 +30,7 @@ from feature_client.assembly import (
 )
 from feature_client.codec import DecodedRows
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
+from service.batcher import BatchingPolicy, MicroBatcher
 from service.circuit_breaker import CircuitBreaker
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.metrics import Metrics
@@ -35,6 +40,10 @@ from service.settings import Settings
 from service.shadow import ShadowScorer
 
 logger = logging.getLogger("adscore.scoring")
+
+# The feature fetch may spend this share of a request's remaining budget at most, so that a
+# request whose fetch timed out still has time to be scored on defaults.
+FETCH_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,13 @@ class ScoringPipeline:
         self._store = store
         self._metrics = metrics
         self._settings = settings
-        # A limiter of its own, so inference does not queue behind FastAPI's shared pool.
-        self._limiter = anyio.CapacityLimiter(settings.inference_threads)
+        self.batcher = MicroBatcher(
+            settings.inference_threads,
+            BatchingPolicy(
+                settings.max_batch_rows, settings.max_batch_delay_us, settings.max_queued_rows
+            ),
+            metrics.batching(),
+        )
         self.shadow = ShadowScorer(metrics, settings.shadow_max_pending)
         self._breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
@@ -100,15 +114,24 @@ class ScoringPipeline:
         self._assembly_seconds = stage.labels("input_assembly")
         self._inference_seconds = stage.labels("inference")
 
-    async def _fetch(self, request: ScoreRequest) -> tuple[RawFeatures, str | None]:
+    def close(self) -> None:
+        self.batcher.close()
+
+    def deadline(self, timeout_ms: float | None) -> float:
+        """When a request arriving now must be answered, in the event loop's clock."""
+        budget_ms = self._settings.request_timeout_ms if timeout_ms is None else timeout_ms
+        return asyncio.get_running_loop().time() + budget_ms / 1000
+
+    async def _fetch(
+        self, request: ScoreRequest, deadline: float
+    ) -> tuple[RawFeatures, str | None]:
         """The stored vectors, or empty ones and the reason when the store failed."""
-        budget_ms = self._settings.feature_timeout_ms
-        if request.timeout_ms is not None:
-            budget_ms = min(budget_ms, request.timeout_ms)
+        remaining = deadline - asyncio.get_running_loop().time()
+        budget = min(self._settings.feature_timeout_ms / 1000, FETCH_SHARE * remaining)
         if not self._breaker.allow():
             return self._without_features(request, "circuit_open", "the circuit is open")
         try:
-            async with asyncio.timeout(budget_ms / 1000):
+            async with asyncio.timeout(budget):
                 raw = await self._store.fetch(request.user_id, request.ad_ids)
         except (FeatureStoreUnavailable, TimeoutError) as exc:
             self._breaker.record_failure()
@@ -130,11 +153,9 @@ class ScoringPipeline:
         self, model: LoadedModel, inputs: ModelInputs
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
         """Raw tensors in, logits and calibrated probabilities out (the OIP v2 path): the same
-        inference threads, limiter and metrics as a scoring request."""
+        batcher, inference threads and metrics as a scoring request."""
         started = time.perf_counter()
-        logits = await anyio.to_thread.run_sync(
-            model.runtime.predict, inputs, limiter=self._limiter
-        )
+        logits = await self.batcher.predict(model.runtime, inputs, self.deadline(None))
         elapsed = time.perf_counter() - started
         self._inference_seconds.observe(elapsed)
         self._metrics.model_seconds.labels(model.name).observe(elapsed)
@@ -166,12 +187,13 @@ class ScoringPipeline:
         # One route per request: the versions it names stay alive until it answers.
         route = self._router.route(request.tenant, request.user_id)
         model = route.model
+        deadline = self.deadline(request.timeout_ms)
         started = time.perf_counter()
         # Before the fetch: a bad context is refused without spending a round trip on it.
         context = self._context(model, request.context)
         context_done = time.perf_counter()
 
-        raw, degraded_reason = await self._fetch(request)
+        raw, degraded_reason = await self._fetch(request, deadline)
         fetched = time.perf_counter()
         self._fetch_seconds.observe(fetched - context_done)
 
@@ -179,7 +201,8 @@ class ScoringPipeline:
         assembled = time.perf_counter()
         self._assembly_seconds.observe(assembled - fetched + context_done - started)
 
-        scores = await anyio.to_thread.run_sync(model.score, inputs, limiter=self._limiter)
+        logits = await self.batcher.predict(model.runtime, inputs, deadline)
+        scores = model.calibration.apply(logits)
         self._inference_seconds.observe(time.perf_counter() - assembled)
 
         n = len(request.ad_ids)

@@ -48,6 +48,19 @@ class Settings(BaseSettings):
     """onnxruntime calls that may run at once (one per core is the sweet spot on CPU)."""
     intra_op_threads: int = Field(1, ge=1, le=64)
     """Threads inside one onnxruntime call; inference_threads x intra_op_threads <= cores."""
+    max_batch_rows: int = Field(256, ge=1, le=65536)
+    """Rows of one model call when concurrent requests are merged (micro-batching); a larger
+    request runs alone. 1 turns batching off."""
+    max_batch_delay_us: int = Field(0, ge=0, le=100_000)
+    """How long a batch smaller than max_batch_rows may wait for more requests. 0: it leaves as
+    soon as an inference thread is free (no added latency; batches still form under load)."""
+    max_queued_rows: int = Field(8192, ge=1)
+    """Candidate rows that may wait for an inference thread; a request that would exceed it is
+    answered 503 with Retry-After at once."""
+    request_timeout_ms: float = Field(100.0, gt=0, le=60_000)
+    """Budget of a scoring request without timeout_ms. The feature fetch gets what is left of it
+    (at most feature_timeout_ms); a request still waiting for the model past it is answered 503
+    deadline_exceeded at once instead of late."""
     warmup_batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
     """Batch sizes run once at load: the first requests must not pay onnxruntime's first run."""
 

@@ -52,7 +52,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         422: {"model": ErrorBody, "description": "Malformed JSON or an invalid field."},
         503: {
             "model": ErrorBody,
-            "description": "Overloaded (with Retry-After), not ready, or the feature store failed.",
+            "description": "Overloaded (with Retry-After), past its deadline, not ready, or the "
+            "feature store failed.",
         },
     },
     openapi_extra={

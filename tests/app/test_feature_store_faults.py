@@ -98,6 +98,7 @@ def test_requests_beyond_max_in_flight_are_shed_at_once(trained: TrainedFixture)
         auth_enabled=False,
         max_in_flight=2,
         feature_timeout_ms=5_000,
+        request_timeout_ms=10_000,
     )
     server = LiveServer(create_app(settings, store=SlowStore()))
     server.start()

@@ -270,6 +270,7 @@ def test_sigterm_mid_load_completes_every_accepted_request(tmp_path: Path, stack
         redis_url=stack.redis.url,
         auth_enabled="false",
         feature_timeout_ms=5_000,
+        request_timeout_ms=10_000,
     )
     server.start()
     admin = redis.Redis.from_url(stack.redis.url)

@@ -186,9 +186,11 @@ def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path
     server.start()
     env = os.environ | {"ADSCORE_BENCH_USERS": "10000", "ADSCORE_BENCH_ADS": "50000"}
     try:
+        # Locust counts its run time from start-up, and building the request mix takes seconds
+        # on a busy machine: 10 s leaves a few of them for requests.
         run = subprocess.run(
             [sys.executable, "-m", "locust", "-f", "benchmarks/locustfile.py", "--headless",
-             "-u", "2", "-r", "2", "-t", "3s", "--host", server.url, "--csv", str(tmp_path / "l"),
+             "-u", "2", "-r", "2", "-t", "10s", "--host", server.url, "--csv", str(tmp_path / "l"),
              "--only-summary"],
             cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip

@@ -1,0 +1,295 @@
+"""MicroBatcher: merging concurrent model calls, its bounds and its deadlines (fake runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from prometheus_client import CollectorRegistry
+
+from feature_client.assembly import ModelInputs
+from service.batcher import BatchingPolicy, MicroBatcher
+from service.errors import DeadlineExceeded, Overloaded
+from service.metrics import Metrics
+
+
+class FakeRuntime:
+    """Returns each row's first dense value as its logit and records the calls' row counts.
+
+    While `gate` is clear, calls block: the test decides when the inference threads are busy.
+    """
+
+    provider = "fake"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Semaphore(0)
+        self.fail = fail
+
+    def predict(self, inputs: ModelInputs) -> npt.NDArray[np.float32]:
+        self.calls.append(len(inputs))
+        self.entered.release()
+        self.gate.wait(5)
+        if self.fail:
+            raise RuntimeError("the model broke")
+        return inputs.dense[:, 0].copy()
+
+
+def rows(first: float, count: int) -> ModelInputs:
+    dense = np.arange(first, first + count, dtype=np.float32).reshape(count, 1)
+    return ModelInputs(dense, np.zeros((count, 1), dtype=np.int64))
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def batcher(metrics: Metrics, threads: int = 1, **policy: int) -> MicroBatcher:
+    return MicroBatcher(threads, BatchingPolicy(**policy), metrics.batching())
+
+
+async def occupy(runtime: FakeRuntime, engine: MicroBatcher) -> asyncio.Task[object]:
+    """A call that holds the (only) inference thread until runtime.gate is set."""
+    runtime.gate.clear()
+    task = asyncio.ensure_future(engine.predict(runtime, rows(-1, 1)))
+    await asyncio.to_thread(runtime.entered.acquire)
+    return task
+
+
+@pytest.fixture
+def runtime() -> Iterator[FakeRuntime]:
+    fake = FakeRuntime()
+    yield fake
+    fake.gate.set()  # never leave a thread blocked
+
+
+def test_requests_waiting_for_a_busy_thread_share_one_call(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> list[npt.NDArray[np.float32]]:
+        engine = batcher(metrics, max_batch_rows=64)
+        busy = await occupy(runtime, engine)
+        waiting = [
+            asyncio.ensure_future(engine.predict(runtime, rows(10 * i, 3))) for i in range(4)
+        ]
+        await asyncio.sleep(0.01)
+        assert engine.queued_rows == 12
+        runtime.gate.set()
+        await busy
+        results = await asyncio.gather(*waiting)
+        engine.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert runtime.calls == [1, 12]
+    for i, logits in enumerate(results):  # each request gets its own rows back, in order
+        np.testing.assert_array_equal(logits, [10 * i, 10 * i + 1, 10 * i + 2])
+    assert sample(metrics, "adscore_batch_requests_sum") == 5
+    assert sample(metrics, "adscore_batch_rows_sum") == 13
+    assert sample(metrics, "adscore_queued_rows") == 0
+
+
+def test_batches_stop_at_max_batch_rows_and_a_larger_request_runs_alone(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=8)
+        busy = await occupy(runtime, engine)
+        sizes = [3, 3, 3, 20, 2]
+        waiting = [asyncio.ensure_future(engine.predict(runtime, rows(0, n))) for n in sizes]
+        await asyncio.sleep(0.01)
+        runtime.gate.set()
+        await busy
+        for size, logits in zip(sizes, await asyncio.gather(*waiting), strict=True):
+            assert len(logits) == size
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 6, 3, 20, 2]
+
+
+def test_max_batch_rows_one_turns_batching_off(runtime: FakeRuntime, metrics: Metrics) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=1)
+        busy = await occupy(runtime, engine)
+        waiting = [asyncio.ensure_future(engine.predict(runtime, rows(0, 4))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        runtime.gate.set()
+        await asyncio.gather(busy, *waiting)
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 4, 4, 4]
+
+
+def test_a_delay_holds_a_small_batch_for_more_requests(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> float:
+        engine = batcher(metrics, threads=2, max_batch_rows=64, max_delay_us=50_000)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(engine.predict(runtime, rows(0, 2)))
+        await asyncio.sleep(0.01)  # both threads are idle, yet the first request waits
+        assert runtime.calls == []
+        second = asyncio.ensure_future(engine.predict(runtime, rows(5, 2)))
+        await asyncio.gather(first, second)
+        engine.close()
+        return loop.time() - started
+
+    elapsed = asyncio.run(scenario())
+    assert runtime.calls == [4]
+    assert elapsed >= 0.05
+
+
+def test_a_full_batch_leaves_before_its_delay(runtime: FakeRuntime, metrics: Metrics) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=4, max_delay_us=10_000_000)
+        await asyncio.wait_for(
+            asyncio.gather(*(engine.predict(runtime, rows(0, 2)) for _ in range(2))), 2
+        )
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [4]
+
+
+def test_without_delay_a_lone_request_does_not_wait(runtime: FakeRuntime, metrics: Metrics) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics)
+        await asyncio.wait_for(engine.predict(runtime, rows(0, 2)), 2)
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [2]
+
+
+def test_requests_for_different_models_are_never_merged(metrics: Metrics) -> None:
+    first, second = FakeRuntime(), FakeRuntime()
+
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=64)
+        busy = await occupy(first, engine)
+        waiting = [
+            asyncio.ensure_future(engine.predict(runtime, rows(0, 2)))
+            for runtime in (second, first, second, first)
+        ]
+        await asyncio.sleep(0.01)
+        first.gate.set()
+        await asyncio.gather(busy, *waiting)
+        engine.close()
+
+    asyncio.run(scenario())
+    assert first.calls == [1, 4] and second.calls == [4]
+
+
+def test_rows_beyond_the_queue_bound_are_shed_at_once(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=64, max_queued_rows=10)
+        busy = await occupy(runtime, engine)
+        queued = asyncio.ensure_future(engine.predict(runtime, rows(0, 8)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match=r"8 candidate rows are waiting.*adds 3.*limit is 10"):
+            await engine.predict(runtime, rows(0, 3))
+        runtime.gate.set()
+        await asyncio.gather(busy, queued)
+        # Alone in the queue, a request larger than the bound still runs.
+        assert len(await engine.predict(runtime, rows(0, 30))) == 30
+        engine.close()
+
+    asyncio.run(scenario())
+    assert sample(metrics, "adscore_shed_requests_total", reason="queued_rows") == 1
+
+
+def test_a_request_past_its_deadline_is_refused_not_scored(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics)
+        busy = await occupy(runtime, engine)
+        deadline = asyncio.get_running_loop().time() + 0.02
+        late = asyncio.ensure_future(engine.predict(runtime, rows(0, 5), deadline))
+        in_time = asyncio.ensure_future(engine.predict(runtime, rows(0, 2), deadline + 10))
+        await asyncio.sleep(0.05)
+        runtime.gate.set()
+        await busy
+        with pytest.raises(DeadlineExceeded, match="deadline passed"):
+            await late
+        assert len(await in_time) == 2
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 2]
+    assert sample(metrics, "adscore_shed_requests_total", reason="deadline") == 1
+
+
+def test_a_cancelled_request_leaves_the_queue(runtime: FakeRuntime, metrics: Metrics) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics)
+        busy = await occupy(runtime, engine)
+        gone = asyncio.ensure_future(engine.predict(runtime, rows(0, 7)))
+        await asyncio.sleep(0)
+        assert engine.queued_rows == 7
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert engine.queued_rows == 0
+        runtime.gate.set()
+        await busy
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1]
+
+
+def test_a_failing_call_fails_its_batch_and_the_next_batch_still_runs(metrics: Metrics) -> None:
+    broken = FakeRuntime(fail=True)
+    healthy = FakeRuntime()
+
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=64)
+        busy = await occupy(broken, engine)
+        failing = [asyncio.ensure_future(engine.predict(broken, rows(0, 2))) for _ in range(2)]
+        after = asyncio.ensure_future(engine.predict(healthy, rows(3, 1)))
+        await asyncio.sleep(0.01)
+        broken.gate.set()
+        for task in (busy, *failing):
+            with pytest.raises(RuntimeError, match="the model broke"):
+                await task
+        np.testing.assert_array_equal(await after, [3])
+        engine.close()
+
+    asyncio.run(scenario())
+    assert broken.calls == [1, 4]
+
+
+def test_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="invalid batching policy"):
+        BatchingPolicy(max_batch_rows=0)
+
+
+def test_a_delay_never_makes_a_request_miss_its_deadline(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=64, max_delay_us=5_000_000)
+        deadline = asyncio.get_running_loop().time() + 0.05
+        logits = await asyncio.wait_for(engine.predict(runtime, rows(0, 2), deadline), 2)
+        assert len(logits) == 2
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [2]
