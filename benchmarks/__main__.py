@@ -12,7 +12,6 @@ order. Writes report.md, results.json and latency.png (with the `bench` extra) t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
@@ -22,83 +21,14 @@ from typing import Any
 
 import orjson
 
-from benchmarks import inprocess, loadgen, population, servers, wrk
+from benchmarks import inprocess, population, servers
+from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.report import write_report
 from feature_client.redis_server import LocalRedisServer
 from service.repository import ModelRepository
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "model_repository"
 LOADS = (0.3, 0.5, 0.7, 0.9, 1.5)
-
-
-def _closed_loop(
-    service: servers.Service,
-    calls: list[population.ScoreCall],
-    folder: Path,
-    connections: int,
-    seconds: float,
-) -> dict[str, Any]:
-    sizes = [len(c.ad_ids) for c in calls]
-    mean_size = sum(sizes) / len(sizes)
-    cpu = servers.cpu_seconds(service.pid)
-    if wrk.available():
-        raw = wrk.run_wrk(
-            service.port, [c.body for c in calls], folder, connections=connections, seconds=seconds
-        )
-        row: dict[str, Any] = {
-            k: raw[k] for k in ("requests_per_second", "p50_ms", "p95_ms", "p99_ms")
-        }
-        row |= {"errors": raw["errors"], "generator": "wrk"}
-        requests, generator_cpu = raw["requests"], raw["generator_cpu_seconds"]
-    else:
-        payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
-        result = asyncio.run(
-            loadgen.closed_loop(
-                "127.0.0.1", service.port, payloads, sizes, connections=connections, seconds=seconds
-            )
-        )
-        row = {
-            "requests_per_second": result.requests_per_second,
-            "p50_ms": result.percentile_ms(50),
-            "p95_ms": result.percentile_ms(95),
-            "p99_ms": result.percentile_ms(99),
-            "errors": result.completed - result.ok + result.errors,
-            "generator": "python",
-        }
-        requests, generator_cpu = result.completed, result.generator_cpu_seconds
-    server_cpu = servers.cpu_seconds(service.pid) - cpu
-    row["candidates_per_second"] = row["requests_per_second"] * mean_size
-    row["server_cpu_ms_per_request"] = server_cpu / max(1, requests) * 1000
-    row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
-    row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
-    return row
-
-
-def _open_loop(
-    service: servers.Service, calls: list[population.ScoreCall], rate: float, seconds: float
-) -> dict[str, Any]:
-    sizes = [len(c.ad_ids) for c in calls]
-    payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
-    cpu = servers.cpu_seconds(service.pid)
-    result = asyncio.run(
-        loadgen.open_loop("127.0.0.1", service.port, payloads, sizes, rate=rate, seconds=seconds)
-    )
-    server_cpu = servers.cpu_seconds(service.pid) - cpu
-    return {
-        "offered_per_second": rate,
-        "requests_per_second": result.requests_per_second,
-        "candidates_per_second": result.candidates_per_second,
-        "p50_ms": result.percentile_ms(50),
-        "p95_ms": result.percentile_ms(95),
-        "p99_ms": result.percentile_ms(99),
-        "rejected": result.completed - result.ok,
-        "rejected_p99_ms": result.percentile_ms(99, accepted=False),
-        "errors": result.errors,
-        "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
-        "generator_cpu_ms_per_request": result.generator_cpu_seconds
-        / max(1, result.completed)
-        * 1000,
-    }
 
 
 def _contender(
@@ -109,16 +39,16 @@ def _contender(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     print(f"{name}: closed loop, {args.connections} connections", flush=True)
-    closed = _closed_loop(service, calls, folder, args.connections, args.seconds)
+    closed = closed_loop_point(service, calls, folder, args.connections, args.seconds)
     print(f"  {closed['requests_per_second']:.0f} requests/s", flush=True)
     curve = []
     for load in LOADS:
         rate = load * closed["requests_per_second"]
         print(f"{name}: open loop at {load:.0%} ({rate:.0f}/s)", flush=True)
-        curve.append({"load": load} | _open_loop(service, calls, rate, args.seconds))
+        curve.append({"load": load} | open_loop_point(service, calls, rate, args.seconds))
         print(f"  p50 {curve[-1]['p50_ms']:.1f} ms, p99 {curve[-1]['p99_ms']:.1f} ms", flush=True)
     # A lone request: the unloaded latency the load points are compared with.
-    unloaded = _open_loop(service, calls, 20.0, min(args.seconds, 5.0))
+    unloaded = open_loop_point(service, calls, 20.0, min(args.seconds, 5.0))
     return {"closed_loop": closed, "open_loop": curve, "unloaded": unloaded}
 
 

@@ -177,6 +177,7 @@ def load_version(
             path,
             execution_provider=settings.execution_provider,
             intra_op_threads=settings.intra_op_threads,
+            cuda_tf32=settings.cuda_tf32,
         )
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise ModelLoadError(f"{path}: onnxruntime cannot open it: {exc}") from exc

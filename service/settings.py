@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     """Shadow scorings queued at most; past it shadow work is dropped (and counted)."""
     execution_provider: Literal["cpu", "cuda"] = "cpu"
     """onnxruntime execution provider; cuda falls back to cpu with a warning when unavailable."""
+    cuda_tf32: bool = False
+    """Let CUDA use TF32 matrix products: faster on Ampere and later, but scores then differ
+    from CPU replicas of the same version by up to ~1e-4 (see BENCHMARKS.md)."""
     inference_threads: int = Field(2, ge=1, le=64)
     """onnxruntime calls that may run at once (one per core is the sweet spot on CPU)."""
     intra_op_threads: int = Field(1, ge=1, le=64)

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks import loadgen, population
+from benchmarks import loadgen, population, providers
 from benchmarks.naive_service import build_app
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
@@ -209,3 +209,18 @@ def test_percentiles_separate_answers_from_refusals() -> None:
     assert result.percentile_ms(100) == pytest.approx(20.0)
     assert result.percentile_ms(100, accepted=False) == pytest.approx(2.0)
     assert result.ok == 2 and result.completed == 4
+
+
+def test_provider_benchmark_measures_calls_and_the_batching_gain(tmp_path: Path) -> None:
+    assert providers.main(
+        ["--seconds", "0.05", "--repeats", "1", "--batches", "1,8", "--concurrency", "16",
+         "--out", str(tmp_path)]
+    ) == 0  # fmt: skip
+    result = orjson.loads((tmp_path / "providers-cpu.json").read_bytes())
+    assert [c["batch"] for c in result["calls"]] == [1, 8]
+    assert all(c["rows_per_second"] > 0 for c in result["calls"])
+    off, on = result["batching"]
+    assert (off["max_batch_rows"], on["max_batch_rows"]) == (1, 256)
+    assert off["mean_batch_rows"] == 8  # batching off: one call per 8-row request
+    assert on["mean_batch_rows"] > 8  # 16 concurrent callers on 2 threads do queue up
+    assert "| cpu | 256 |" in (tmp_path / "providers-cpu.md").read_text()

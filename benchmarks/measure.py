@@ -1,0 +1,82 @@
+"""One measurement point against a running service: closed loop (max throughput) or open loop
+(latency at a fixed arrival rate), with the server's CPU per request and RSS."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from benchmarks import loadgen, population, servers, wrk
+
+
+def closed_loop_point(
+    service: servers.Service,
+    calls: list[population.ScoreCall],
+    folder: Path,
+    connections: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """Maximum throughput: wrk (or the Python generator) with `connections` back to back."""
+    sizes = [len(c.ad_ids) for c in calls]
+    mean_size = sum(sizes) / len(sizes)
+    cpu = servers.cpu_seconds(service.pid)
+    if wrk.available():
+        raw = wrk.run_wrk(
+            service.port, [c.body for c in calls], folder, connections=connections, seconds=seconds
+        )
+        row: dict[str, Any] = {
+            k: raw[k] for k in ("requests_per_second", "p50_ms", "p95_ms", "p99_ms")
+        }
+        row |= {"errors": raw["errors"], "generator": "wrk"}
+        requests, generator_cpu = raw["requests"], raw["generator_cpu_seconds"]
+    else:
+        payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
+        result = asyncio.run(
+            loadgen.closed_loop(
+                "127.0.0.1", service.port, payloads, sizes, connections=connections, seconds=seconds
+            )
+        )
+        row = {
+            "requests_per_second": result.requests_per_second,
+            "p50_ms": result.percentile_ms(50),
+            "p95_ms": result.percentile_ms(95),
+            "p99_ms": result.percentile_ms(99),
+            "errors": result.completed - result.ok + result.errors,
+            "generator": "python",
+        }
+        requests, generator_cpu = result.completed, result.generator_cpu_seconds
+    server_cpu = servers.cpu_seconds(service.pid) - cpu
+    row["candidates_per_second"] = row["requests_per_second"] * mean_size
+    row["server_cpu_ms_per_request"] = server_cpu / max(1, requests) * 1000
+    row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
+    row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
+    return row
+
+
+def open_loop_point(
+    service: servers.Service, calls: list[population.ScoreCall], rate: float, seconds: float
+) -> dict[str, Any]:
+    """Latency at a fixed Poisson arrival rate, from each request's intended send time."""
+    sizes = [len(c.ad_ids) for c in calls]
+    payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
+    cpu = servers.cpu_seconds(service.pid)
+    result = asyncio.run(
+        loadgen.open_loop("127.0.0.1", service.port, payloads, sizes, rate=rate, seconds=seconds)
+    )
+    server_cpu = servers.cpu_seconds(service.pid) - cpu
+    return {
+        "offered_per_second": rate,
+        "requests_per_second": result.requests_per_second,
+        "candidates_per_second": result.candidates_per_second,
+        "p50_ms": result.percentile_ms(50),
+        "p95_ms": result.percentile_ms(95),
+        "p99_ms": result.percentile_ms(99),
+        "rejected": result.completed - result.ok,
+        "rejected_p99_ms": result.percentile_ms(99, accepted=False),
+        "errors": result.errors,
+        "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
+        "generator_cpu_ms_per_request": result.generator_cpu_seconds
+        / max(1, result.completed)
+        * 1000,
+    }
