@@ -1,4 +1,5 @@
-"""The Redis feature store: one MGET per request for the user and all its candidate ads."""
+"""The Redis feature store: a request's user and candidate ads in one MGET, shared with the
+concurrent requests (coalescing.py)."""
 
 from __future__ import annotations
 
@@ -10,37 +11,50 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from feature_client.coalescing import CoalescingReader
 from feature_client.store import FeatureStoreUnavailable, KeyLayout, RawFeatures, SchemaStamp
 
 WRITE_CHUNK = 2_000
+# A read slower than this means a stalled server or connection (see from_url).
+STALL_SECONDS = 0.5
 
 
 class RedisFeatureStore:
     """Feature vectors in Redis (single node), read with the asyncio client and hiredis."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, reads_in_flight: int = 2) -> None:
         self._client = client
         self.keys = KeyLayout(namespace)
+        self._reader = CoalescingReader(self._mget, max_in_flight=reads_in_flight)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str, timeout_seconds: float) -> RedisFeatureStore:
+    def from_url(
+        cls, url: str, namespace: str, timeout_seconds: float, reads_in_flight: int = 2
+    ) -> RedisFeatureStore:
+        # Requests stop waiting at their own deadline (the caller's timeout); the socket timeout
+        # only detects a stalled server, and must not fire because a busy event loop read a
+        # prompt reply late: that would drop the connection and cost a reconnect under load.
+        stall = max(STALL_SECONDS, timeout_seconds)
         client = redis.Redis.from_url(
             url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
+            socket_timeout=stall,
+            socket_connect_timeout=stall,
             # One attempt: a retry would spend the request's budget on a store that just failed.
             retry=Retry(NoBackoff(), 0),
             max_connections=256,
         )
-        return cls(client, namespace)
+        return cls(client, namespace, reads_in_flight)
 
-    async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
-        keys = self.keys
-        names = [keys.user(user_id), *[keys.ad(ad_id) for ad_id in ad_ids]]
+    async def _mget(self, names: list[str]) -> list[bytes | None]:
         try:
-            values = cast(list[bytes | None], await self._client.mget(names))
+            return cast(list[bytes | None], await self._client.mget(names))
         except (RedisError, OSError) as exc:
             raise FeatureStoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
+        """One request's vectors, read in an MGET shared with the concurrent requests."""
+        keys = self.keys
+        values = await self._reader.get([keys.user(user_id), *[keys.ad(a) for a in ad_ids]])
         return RawFeatures(values[0], values[1:])
 
     async def write(self, items: Sequence[tuple[str, bytes]]) -> None:
@@ -69,4 +83,5 @@ class RedisFeatureStore:
             return False
 
     async def close(self) -> None:
+        await self._reader.close()
         await self._client.aclose()

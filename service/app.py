@@ -69,7 +69,10 @@ def build_store(settings: Settings) -> FeatureStore:
     if settings.feature_backend == "memory":
         return InMemoryFeatureStore(settings.feature_namespace)
     return RedisFeatureStore.from_url(
-        settings.redis_url, settings.feature_namespace, settings.feature_timeout_ms / 1000
+        settings.redis_url,
+        settings.feature_namespace,
+        settings.feature_timeout_ms / 1000,
+        settings.feature_reads_in_flight,
     )
 
 

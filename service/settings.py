@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     """Key prefix of the online features ({namespace}:u:{user_id}, {namespace}:a:{ad_id})."""
     feature_timeout_ms: float = Field(20.0, gt=0)
     """Budget of one feature fetch; past it the request is scored on defaults (degraded)."""
+    feature_reads_in_flight: int = Field(2, ge=1, le=64)
+    """MGETs to Redis at once; concurrent requests' keys are merged into them (more for a remote
+    or clustered Redis, where round trips dominate)."""
     on_feature_store_error: Literal["degrade", "fail"] = "degrade"
     """When the store fails: score on defaults with degraded=true, or answer 503."""
     breaker_failure_threshold: int = Field(5, ge=1)
