@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -126,6 +128,14 @@ async def poll_repository(manager: ModelManager, keys: KeyRing, interval: float)
             logger.exception("polling the model repository failed")
 
 
+def _without_opentelemetry() -> dict[str, Any]:
+    """FastAPI >= 0.160 checks OpenTelemetry's global providers on every request (an environment
+    lookup each time); adscore exports Prometheus metrics of its own, so that is switched off."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def create_app(settings: Settings, *, store: FeatureStore | None = None) -> FastAPI:
     """The ASGI app. `store` replaces the one the settings describe (the demo's in-memory one)."""
     metrics = Metrics(CollectorRegistry(auto_describe=True))
@@ -167,6 +177,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             app.state.service.shutting_down = True
 
     app = FastAPI(
+        **_without_opentelemetry(),
         title="adscore",
         summary="Real-time conversion prediction (pCVR) for ad candidates.",
         version="0.1.0",
