@@ -22,6 +22,7 @@ from feature_client.store import FeatureStore, FeatureStoreUnavailable, SchemaSt
 from service.admission import AdmissionControl
 from service.auth import AuthConfigError, KeyRing
 from service.errors import install_error_handlers
+from service.fast_path import AdscoreApp
 from service.metrics import Metrics
 from service.model_manager import ModelManager
 from service.registry import ModelLoadError
@@ -176,7 +177,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             yield
             app.state.service.shutting_down = True
 
-    app = FastAPI(
+    app = AdscoreApp(
         **_without_opentelemetry(),
         title="adscore",
         summary="Real-time conversion prediction (pCVR) for ad candidates.",
