@@ -8,7 +8,7 @@ the same requests, interleaved over `--repeats` rounds so that machine noise hit
 alike. Each setting gets a closed-loop point (maximum candidates/s) and an open-loop point at
 `--load` of batching-off's maximum (the p99 at the same offered load). `max_in_flight` is raised
 for every setting alike, so that admission does not cap the batches (rows are bounded by
-`max_queued_rows`). Writes batching.md and batching.json to --out.
+`max_queued_rows`). Writes batching-<candidates>.md and .json to --out.
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args.delays_us = [int(d) for d in args.delays_us.split(",")]
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"batching-{args.candidates}.json").write_text(json.dumps(result, indent=2))
     text = report(result)
-    (args.out / "batching.md").write_text(text)
+    (args.out / f"batching-{args.candidates}.md").write_text(text)
     print(text)
     return 0
 
