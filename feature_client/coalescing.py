@@ -11,6 +11,7 @@ connection comes back to the pool intact instead of being dropped mid-reply and 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -18,6 +19,7 @@ from feature_client.store import FeatureStoreUnavailable
 
 Values = list[bytes | None]
 FetchKeys = Callable[[list[str]], Awaitable[Values]]
+Lookup = tuple[Sequence[str], "asyncio.Future[Values]"]
 
 
 class CoalescingReader:
@@ -29,7 +31,7 @@ class CoalescingReader:
         self._fetch_keys = fetch_keys
         self._max_in_flight = max_in_flight
         self._max_keys = max_keys
-        self._waiting: deque[tuple[Sequence[str], asyncio.Future[Values]]] = deque()
+        self._waiting: deque[Lookup] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -42,7 +44,7 @@ class CoalescingReader:
 
     def _launch(self) -> None:
         while self._in_flight < self._max_in_flight and self._waiting:
-            batch: list[tuple[Sequence[str], asyncio.Future[Values]]] = []
+            batch: list[Lookup] = []
             size = 0
             while self._waiting:
                 keys, future = self._waiting[0]
@@ -56,9 +58,18 @@ class CoalescingReader:
                 self._in_flight += 1
                 task = asyncio.get_running_loop().create_task(self._read(batch))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(functools.partial(self._finished, batch))
 
-    async def _read(self, batch: list[tuple[Sequence[str], asyncio.Future[Values]]]) -> None:
+    def _finished(self, batch: list[Lookup], task: asyncio.Task[None]) -> None:
+        """Bookkeeping in a done callback: it runs even for a read cancelled before it began."""
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        for _, future in batch:  # only a cancelled read leaves any: nobody may wait forever
+            if not future.done():
+                future.set_exception(FeatureStoreUnavailable("the read was cancelled"))
+        self._launch()
+
+    async def _read(self, batch: list[Lookup]) -> None:
         try:
             if len(batch) == 1:
                 keys, future = batch[0]
@@ -67,11 +78,6 @@ class CoalescingReader:
                 unique = list(dict.fromkeys(k for keys, _ in batch for k in keys))
                 found = dict(zip(unique, await self._fetch_keys(unique), strict=True))
                 results = [[found[k] for k in keys] for keys, _ in batch]
-        except asyncio.CancelledError:  # the store is closing: nobody may wait forever
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(FeatureStoreUnavailable("the store was closed"))
-            raise
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -80,9 +86,6 @@ class CoalescingReader:
             for (_, future), values in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(values)
-        finally:
-            self._in_flight -= 1
-            self._launch()
 
     async def close(self) -> None:
         """Wait for the reads in flight (their connections go back to the pool)."""

@@ -126,16 +126,22 @@ def test_a_caller_that_gives_up_leaves_the_read_running() -> None:
     assert reads.calls == [["a"], ["b"]] and result == [b"b"]
 
 
-def test_closing_fails_nobody_silently() -> None:
+@pytest.mark.parametrize("started", [False, True], ids=["before-it-began", "mid-read"])
+def test_a_cancelled_read_fails_its_lookups_and_frees_its_slot(started: bool) -> None:
     async def scenario() -> None:
         reads = FakeReads()
         reader = CoalescingReader(reads, max_in_flight=1)
         lookup = asyncio.ensure_future(reader.get(["a"]))
         await asyncio.sleep(0)
+        if started:
+            await asyncio.sleep(0)
+            assert reads.calls == [["a"]]
         for task in list(reader._tasks):
             task.cancel()
-        with pytest.raises(FeatureStoreUnavailable, match="closed"):
-            await lookup
+        with pytest.raises(FeatureStoreUnavailable, match="cancelled"):
+            await asyncio.wait_for(lookup, 2)
+        reads.gate.set()
+        assert await asyncio.wait_for(reader.get(["b"]), 2) == [b"b"]
 
     asyncio.run(scenario())
 
