@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,14 @@ class DCNConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def multiply_adds(self, categorical: int, dense: int) -> int:
+        """Multiply-adds per candidate in the cross, deep and head layers (the compute)."""
+        width = categorical * self.embedding_dim + dense
+        per_cross = width * width if self.cross_rank is None else 2 * width * self.cross_rank
+        sizes = (width, *self.mlp_layers)
+        deep = sum(a * b for a, b in pairwise(sizes))
+        return self.cross_layers * per_cross + deep + width + sizes[-1]
 
 
 class _DenseNormalizer(nn.Module):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from service.calibration import Calibration
 from service.model_metadata import TensorInfo
 
 OPSET = 18
+SERVING_BATCH = 256
+"""Candidates per request in the benchmarks: the batch offline scoring imitates."""
 
 
 def export_onnx(model: nn.Module, example: ModelInputs, path: Path) -> None:
@@ -115,3 +118,34 @@ def check_parity(
         np.abs(calibration.apply(onnx_logits) - calibration.apply(reference)).max()
     )
     return Parity(len(inputs), logit_diff, probability_diff)
+
+
+def first_rows(inputs: ModelInputs, rows: int) -> ModelInputs:
+    return ModelInputs(inputs.dense[:rows], inputs.ids[:rows])
+
+
+def open_session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session set up like the service's (sequential, `threads` intra-op threads)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(
+    path: Path, inputs: ModelInputs, *, batch_size: int = SERVING_BATCH, threads: int = 1
+) -> npt.NDArray[np.float32]:
+    """Log-odds from onnxruntime, scored in batches of `batch_size` rows.
+
+    Serving-sized batches on purpose: a dynamically quantized model picks one activation scale
+    per batch, so its output depends on the batch a row is scored in.
+    """
+    session = open_session(path, threads)
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        rows = slice(start, start + batch_size)
+        feed = {DENSE_INPUT: inputs.dense[rows], IDS_INPUT: inputs.ids[rows]}
+        outputs.append(session.run([LOGIT_OUTPUT], feed)[0])
+    return np.concatenate(outputs) if outputs else np.zeros(0, dtype=np.float32)

@@ -3,7 +3,8 @@
 synthetic world -> train / validation / calibration / test splits
 -> logistic regression and DCN-v2, early-stopped on validation
 -> Platt calibration on the calibration split -> metrics on the test split
--> ONNX export -> parity check -> a new version in the model repository
+-> ONNX export -> parity check -> (int8: quantize, recalibrate, re-evaluate)
+-> a new version in the model repository
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -25,7 +27,8 @@ from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, assemb
 from models.calibration import fit_platt
 from models.dcn import DCNConfig, DCNv2, LogisticRegression
 from models.evaluation import expected_calibration_error, log_loss, roc_auc
-from models.export import check_parity, export_onnx, signature
+from models.export import Parity, check_parity, export_onnx, first_rows, onnx_logits, signature
+from models.quantize import QUANTIZATIONS, batch_parity, quantize_int8
 from models.synthetic import SyntheticConfig, SyntheticWorld
 from models.train import FitConfig, FitReport, LabelledRows, fit, predict_logits
 from service.calibration import Calibration
@@ -57,11 +60,27 @@ class TrainingPlan:
     model learns what to predict for entities the feature store does not know."""
     threads: int | None = None
     seed: int = 0
+    init_seed: int | None = None
+    """Seed of the weight initialisation (default: `seed`). Changing it alone, with the fit's
+    shuffling seed, retrains on the same rows: the spread of AUC that is training noise."""
 
     def __post_init__(self) -> None:
         for name in ("rows", "validation_rows", "calibration_rows", "test_rows"):
             if getattr(self, name) < 100:
                 raise ValueError(f"{name} must be at least 100")
+
+
+@dataclass
+class TrainingData:
+    """The world and its four splits; models trained on the same data share one of these."""
+
+    world: SyntheticWorld
+    train: LabelledRows
+    validation: LabelledRows
+    calibration_rows: LabelledRows
+    test: LabelledRows
+    baseline: tuple[nn.Module, FitReport] | None = None
+    """The logistic-regression baseline, trained by the first model on this data only."""
 
 
 @dataclass
@@ -76,6 +95,8 @@ class TrainedModel:
     metrics: dict[str, float]
     model_report: FitReport
     baseline_report: FitReport
+    calibration_rows: LabelledRows
+    """Kept to recalibrate a quantized export on its own outputs."""
 
 
 def build_rows(
@@ -98,52 +119,51 @@ def build_rows(
     return LabelledRows(inputs, impressions.label, impressions.probability)
 
 
-def _probabilities(model: nn.Module, rows: LabelledRows) -> np.ndarray[Any, np.dtype[np.float64]]:
+def _probabilities(model: nn.Module, rows: LabelledRows) -> npt.NDArray[np.float64]:
     return 1.0 / (1.0 + np.exp(-predict_logits(model, rows.inputs).astype(np.float64)))
 
 
-def run_training(plan: TrainingPlan, *, progress: bool = True) -> TrainedModel:
-    """Train the baseline and DCN-v2, calibrate, and measure both against the oracle."""
-    torch.set_num_threads(plan.threads or os.cpu_count() or 1)
-    torch.manual_seed(plan.seed)
+def build_data(plan: TrainingPlan) -> TrainingData:
+    """Draw the world and the train / validation / calibration / test rows of a plan."""
     world = SyntheticWorld(plan.world)
     offset = plan.seed * 10
-    train = build_rows(world, plan.rows, offset + 1, plan.missing_entity_rate)
-    validation = build_rows(world, plan.validation_rows, offset + 2, plan.missing_entity_rate)
-    calibration_rows = build_rows(
-        world, plan.calibration_rows, offset + 3, plan.missing_entity_rate
+    rate = plan.missing_entity_rate
+    return TrainingData(
+        world,
+        train=build_rows(world, plan.rows, offset + 1, rate),
+        validation=build_rows(world, plan.validation_rows, offset + 2, rate),
+        calibration_rows=build_rows(world, plan.calibration_rows, offset + 3, rate),
+        test=build_rows(world, plan.test_rows, offset + 4, rate),
     )
-    test = build_rows(world, plan.test_rows, offset + 4, plan.missing_entity_rate)
-    assert test.true_probabilities is not None
 
-    dense_mean = train.inputs.dense.mean(axis=0)
-    dense_std = train.inputs.dense.std(axis=0)
-    cardinalities = world.spec.cardinalities
 
-    baseline = LogisticRegression(cardinalities, dense_mean, dense_std)
-    baseline_report = fit(
-        baseline,
-        train,
-        validation,
-        plan.baseline_fit,
-        description="logistic regression",
-        progress=progress,
-    )
-    model = DCNv2(cardinalities, dense_mean, dense_std, plan.dcn)
-    model_report = fit(model, train, validation, plan.fit, description="DCN-v2", progress=progress)
-
-    calibration = fit_platt(predict_logits(model, calibration_rows.inputs), calibration_rows.labels)
-    raw = _probabilities(model, test)
-    calibrated = calibration.apply(predict_logits(model, test.inputs))
-    baseline_p = _probabilities(baseline, test)
+def model_metrics(
+    test: LabelledRows, logits: npt.NDArray[np.float32], calibration: Calibration
+) -> dict[str, float]:
+    """A model's quality on the test rows from its log-odds and calibration."""
+    raw = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    calibrated = calibration.apply(logits)
     y = test.labels
-    metrics = {
+    return {
         "auc": roc_auc(y, calibrated),
         "log_loss": log_loss(y, calibrated),
         "calibration_error": expected_calibration_error(y, calibrated),
         "calibration_error_uncalibrated": expected_calibration_error(y, raw),
-        "baseline_auc": roc_auc(y, baseline_p),
-        "baseline_log_loss": log_loss(y, baseline_p),
+    }
+
+
+def held_out_metrics(
+    test: LabelledRows,
+    logits: npt.NDArray[np.float32],
+    calibration: Calibration,
+    baseline_probabilities: npt.NDArray[np.float64],
+) -> dict[str, float]:
+    """Quality on the test rows of a model's log-odds, beside the baseline's and the oracle's."""
+    assert test.true_probabilities is not None
+    y = test.labels
+    metrics = model_metrics(test, logits, calibration) | {
+        "baseline_auc": roc_auc(y, baseline_probabilities),
+        "baseline_log_loss": log_loss(y, baseline_probabilities),
         "oracle_auc": roc_auc(y, test.true_probabilities),
         "oracle_log_loss": log_loss(y, test.true_probabilities),
         "base_rate": float(y.mean()),
@@ -151,74 +171,233 @@ def run_training(plan: TrainingPlan, *, progress: bool = True) -> TrainedModel:
     }
     metrics["gap_to_oracle_auc"] = metrics["oracle_auc"] - metrics["auc"]
     metrics["lift_over_baseline_auc"] = metrics["auc"] - metrics["baseline_auc"]
+    return metrics
+
+
+def run_training(
+    plan: TrainingPlan, *, progress: bool = True, data: TrainingData | None = None
+) -> TrainedModel:
+    """Train the baseline and DCN-v2, calibrate, and measure both against the oracle.
+
+    `data` (from `build_data` of a plan with the same sizes and seed) is reused instead of
+    drawn again, and so is its baseline once trained: variants compare on the same rows.
+    """
+    torch.set_num_threads(plan.threads or os.cpu_count() or 1)
+    torch.manual_seed(plan.seed if plan.init_seed is None else plan.init_seed)
+    data = data or build_data(plan)
+    train, validation = data.train, data.validation
+    dense_mean = train.inputs.dense.mean(axis=0)
+    dense_std = train.inputs.dense.std(axis=0)
+    cardinalities = data.world.spec.cardinalities
+
+    # Both are built before either is fitted (fitting draws from its own generator), so the
+    # DCN-v2 starts from the same weights whether or not the baseline is reused.
+    baseline: nn.Module = LogisticRegression(cardinalities, dense_mean, dense_std)
+    model = DCNv2(cardinalities, dense_mean, dense_std, plan.dcn)
+    if data.baseline is None:
+        baseline_report = fit(
+            baseline,
+            train,
+            validation,
+            plan.baseline_fit,
+            description="logistic regression",
+            progress=progress,
+        )
+        data.baseline = (baseline, baseline_report)
+    baseline, baseline_report = data.baseline
+    model_report = fit(model, train, validation, plan.fit, description="DCN-v2", progress=progress)
+
+    calibration = fit_platt(
+        predict_logits(model, data.calibration_rows.inputs), data.calibration_rows.labels
+    )
+    metrics = held_out_metrics(
+        data.test,
+        predict_logits(model, data.test.inputs),
+        calibration,
+        _probabilities(baseline, data.test),
+    )
     return TrainedModel(
-        plan, world, model, calibration, test, metrics, model_report, baseline_report
+        plan,
+        data.world,
+        model,
+        calibration,
+        data.test,
+        metrics,
+        model_report,
+        baseline_report,
+        data.calibration_rows,
     )
 
 
-def _golden_rows(session: ort.InferenceSession, trained: TrainedModel) -> GoldenRows:
+def _golden_rows(
+    session: ort.InferenceSession, trained: TrainedModel, calibration: Calibration
+) -> GoldenRows:
     dense = trained.test.inputs.dense[:GOLDEN_ROWS]
     ids = trained.test.inputs.ids[:GOLDEN_ROWS]
     (logits,) = session.run([LOGIT_OUTPUT], {DENSE_INPUT: dense, IDS_INPUT: ids})
     return GoldenRows(
-        dense=dense.tolist(),
-        ids=ids.tolist(),
-        probabilities=trained.calibration.apply(logits).tolist(),
+        dense=dense.tolist(), ids=ids.tolist(), probabilities=calibration.apply(logits).tolist()
     )
 
 
+@dataclass(frozen=True)
+class Published:
+    """What one exported file ships with: its calibration, quality and parity."""
+
+    calibration: Calibration
+    metrics: dict[str, float]
+    parity: Parity
+
+
+def _quantized(trained: TrainedModel, fp32_path: Path, int8_path: Path) -> Published:
+    """Quantize, then calibrate and evaluate the int8 model on its own onnxruntime outputs."""
+    quantize_int8(fp32_path, int8_path)
+    threads = trained.plan.threads or os.cpu_count() or 1
+    rows, test = trained.calibration_rows, trained.test
+    # Quantization moves the log-odds, so the fp32 calibration fits them only roughly: fit one
+    # on the int8 model's own outputs, scored in serving-sized batches like the service would.
+    calibration = fit_platt(onnx_logits(int8_path, rows.inputs, threads=threads), rows.labels)
+    int8_logits = onnx_logits(int8_path, test.inputs, threads=threads)
+    fp32_logits = onnx_logits(fp32_path, test.inputs, threads=threads)
+    int8_p = calibration.apply(int8_logits)
+    difference = np.abs(int8_p - trained.calibration.apply(fp32_logits))
+    metrics = trained.metrics | model_metrics(test, int8_logits, calibration)
+    metrics |= {
+        "gap_to_oracle_auc": trained.metrics["oracle_auc"] - metrics["auc"],
+        "lift_over_baseline_auc": metrics["auc"] - trained.metrics["baseline_auc"],
+        "fp32_auc": trained.metrics["auc"],
+        "fp32_log_loss": trained.metrics["log_loss"],
+        "fp32_calibration_error": trained.metrics["calibration_error"],
+        "calibration_error_before_recalibration": expected_calibration_error(
+            test.labels, trained.calibration.apply(int8_logits)
+        ),
+        "mean_probability": float(int8_p.mean()),
+        "mean_probability_before_recalibration": float(
+            trained.calibration.apply(int8_logits).mean()
+        ),
+        "int8_vs_fp32_max_abs_probability_diff": float(difference.max()),
+        "int8_vs_fp32_mean_abs_probability_diff": float(difference.mean()),
+    }
+    parity = batch_parity(int8_path, first_rows(test.inputs, PARITY_ROWS), calibration)
+    return Published(calibration, metrics, parity)
+
+
+def variant_name(dcn: DCNConfig, quantization: str) -> str:
+    """A short label: dcn-v2, dcn-v2-r64, dcn-v2-int8, dcn-v2-r32-mlp128x64-int8."""
+    rank = f"-r{dcn.cross_rank}" if dcn.cross_rank else ""
+    default_mlp = DCNConfig().mlp_layers
+    mlp = "" if dcn.mlp_layers == default_mlp else "-mlp" + "x".join(map(str, dcn.mlp_layers))
+    precision = "" if quantization == "none" else f"-{quantization}"
+    return f"dcn-v2{rank}{mlp}{precision}"
+
+
 def export_and_publish(
-    trained: TrainedModel, repository: ModelRepository, name: str, *, activate: bool = True
+    trained: TrainedModel,
+    repository: ModelRepository,
+    name: str,
+    *,
+    activate: bool = True,
+    quantization: str = "none",
 ) -> ModelMetadata:
-    """Export to ONNX, check parity, and publish a new version with its metadata."""
-    spec = trained.world.spec
+    """Export to ONNX, check parity, and publish a new version with its metadata.
+
+    `quantization="int8"` publishes the dynamically quantized export instead, recalibrated on
+    its own outputs; its parity is its own batch-of-one vs batched output (see batch_parity).
+    """
+    (metadata,) = publish_variants(trained, repository, name, [quantization], activate=activate)
+    return metadata
+
+
+def publish_variants(
+    trained: TrainedModel,
+    repository: ModelRepository,
+    name: str,
+    quantizations: Sequence[str],
+    *,
+    activate: bool = False,
+) -> list[ModelMetadata]:
+    """Export once (the slow step), then publish one version per quantization, in order."""
+    for quantization in quantizations:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(trained.model, trained.test.inputs, onnx_path)
-        parity_rows = trained.test.inputs
+        fp32_path = Path(tmp) / "model.onnx"
+        export_onnx(trained.model, trained.test.inputs, fp32_path)
         parity = check_parity(
             trained.model,
-            onnx_path,
-            type(parity_rows)(parity_rows.dense[:PARITY_ROWS], parity_rows.ids[:PARITY_ROWS]),
+            fp32_path,
+            first_rows(trained.test.inputs, PARITY_ROWS),
             trained.calibration,
         )
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        inputs, outputs = signature(len(spec.dense_names), len(spec.categorical_names))
-        plan = trained.plan
-        metadata = ModelMetadata(
-            name=name,
-            version=1,  # the repository assigns the real number
-            created_at=datetime.now(UTC),
-            sha256="",  # the repository computes it from the stored file
-            architecture="dcn-v2",
-            inputs=inputs,
-            outputs=outputs,
-            feature_spec=spec.to_dict(),
-            calibration=trained.calibration,
-            metrics={k: round(v, 6) for k, v in trained.metrics.items()},
-            parity=parity.as_dict(),
-            golden=_golden_rows(session, trained),
-            training={
-                "rows": plan.rows,
-                "validation_rows": plan.validation_rows,
-                "calibration_rows": plan.calibration_rows,
-                "test_rows": plan.test_rows,
-                "missing_entity_rate": plan.missing_entity_rate,
-                "seed": plan.seed,
-                "architecture": trained.plan.dcn.to_dict(),
-                "fit": asdict(plan.fit),
-                "best_epoch": trained.model_report.best_epoch_fraction,
-                "stopped_early": trained.model_report.stopped_early,
-                "evaluations": trained.model_report.evaluations,
-                "seconds": round(trained.model_report.seconds, 1),
-                "torch": torch.__version__,
-                "onnxruntime": ort.__version__,
-                "python": platform.python_version(),
+        published = []
+        for quantization in quantizations:
+            if quantization == "int8":
+                onnx_path = Path(tmp) / "model-int8.onnx"
+                variant = _quantized(trained, fp32_path, onnx_path)
+            else:
+                onnx_path, variant = (
+                    fp32_path,
+                    Published(trained.calibration, trained.metrics, parity),
+                )
+            published.append(
+                _publish(trained, repository, name, onnx_path, variant, quantization, activate)
+            )
+        return published
+
+
+def _publish(
+    trained: TrainedModel,
+    repository: ModelRepository,
+    name: str,
+    onnx_path: Path,
+    published: Published,
+    quantization: str,
+    activate: bool,
+) -> ModelMetadata:
+    spec = trained.world.spec
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs, outputs = signature(len(spec.dense_names), len(spec.categorical_names))
+    plan = trained.plan
+    metadata = ModelMetadata(
+        name=name,
+        version=1,  # the repository assigns the real number
+        created_at=datetime.now(UTC),
+        sha256="",  # the repository computes it from the stored file
+        architecture=variant_name(plan.dcn, quantization),
+        inputs=inputs,
+        outputs=outputs,
+        feature_spec=spec.to_dict(),
+        calibration=published.calibration,
+        metrics={k: round(v, 6) for k, v in published.metrics.items()},
+        parity=published.parity.as_dict(),
+        golden=_golden_rows(session, trained, published.calibration),
+        training={
+            "rows": plan.rows,
+            "validation_rows": plan.validation_rows,
+            "calibration_rows": plan.calibration_rows,
+            "test_rows": plan.test_rows,
+            "missing_entity_rate": plan.missing_entity_rate,
+            "seed": plan.seed,
+            "init_seed": plan.seed if plan.init_seed is None else plan.init_seed,
+            "architecture": trained.plan.dcn.to_dict(),
+            "variant": {
+                "cross_rank": plan.dcn.cross_rank,
+                "mlp_layers": list(plan.dcn.mlp_layers),
+                "quantization": quantization,
             },
-            dataset={
-                "kind": "synthetic",
-                "config": plan.world.to_dict(),
-                "checksum": trained.world.checksum(),
-            },
-        )
-        return repository.publish(name, onnx_path, metadata, activate=activate)
+            "fit": asdict(plan.fit),
+            "best_epoch": trained.model_report.best_epoch_fraction,
+            "stopped_early": trained.model_report.stopped_early,
+            "evaluations": trained.model_report.evaluations,
+            "seconds": round(trained.model_report.seconds, 1),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+        },
+        dataset={
+            "kind": "synthetic",
+            "config": plan.world.to_dict(),
+            "checksum": trained.world.checksum(),
+        },
+    )
+    return repository.publish(name, onnx_path, metadata, activate=activate)

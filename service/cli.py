@@ -141,7 +141,16 @@ def _print_metrics(metrics: dict[str, float], parity: dict[str, float] | None = 
         ("calibration error, after calibration", metrics["calibration_error"]),
         ("base conversion rate", metrics["base_rate"]),
     ]
-    if parity:
+    if "fp32_auc" in metrics:  # a quantized model: what it cost against its fp32 source
+        rows += [
+            ("fp32 source AUC", metrics["fp32_auc"]),
+            ("fp32 source calibration error", metrics["fp32_calibration_error"]),
+            ("int8 vs fp32, mean |prob. diff|", metrics["int8_vs_fp32_mean_abs_probability_diff"]),
+            ("int8 vs fp32, max |prob. diff|", metrics["int8_vs_fp32_max_abs_probability_diff"]),
+        ]
+        if parity:
+            rows.append(("alone vs batched, max |prob. diff|", parity["max_abs_probability_diff"]))
+    elif parity:
         rows.append(("torch vs ONNX, max |probability diff|", parity["max_abs_probability_diff"]))
         rows.append(("torch vs ONNX, max |logit diff|", parity["max_abs_logit_diff"]))
     width = max(len(name) for name, _ in rows)
@@ -150,6 +159,7 @@ def _print_metrics(metrics: dict[str, float], parity: dict[str, float] | None = 
 
 
 def _plan(args: argparse.Namespace) -> Any:
+    from models.dcn import DCNConfig
     from models.pipeline import TrainingPlan
     from models.synthetic import SyntheticConfig
     from models.train import FitConfig
@@ -161,6 +171,10 @@ def _plan(args: argparse.Namespace) -> Any:
         calibration_rows=args.calibration_rows or defaults.calibration_rows,
         test_rows=args.test_rows or defaults.test_rows,
         world=SyntheticConfig(users=args.users, ads=args.ads, seed=args.data_seed),
+        dcn=DCNConfig(
+            cross_rank=args.cross_rank,
+            mlp_layers=tuple(args.mlp_layers or DCNConfig().mlp_layers),
+        ),
         fit=FitConfig(max_epochs=args.epochs),
         seed=args.seed,
         threads=args.threads,
@@ -173,11 +187,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     trained = run_training(_plan(args), progress=not args.quiet)
     metadata = export_and_publish(
-        trained, ModelRepository(args.model_repository), args.name, activate=not args.no_activate
+        trained,
+        ModelRepository(args.model_repository),
+        args.name,
+        activate=not args.no_activate,
+        quantization=args.quantize,
     )
     folder = ModelRepository(args.model_repository).version_dir(metadata.name, metadata.version)
-    print(f"published {metadata.name} version {metadata.version} to {folder}")
-    _print_metrics(trained.metrics, metadata.parity)
+    print(f"published {metadata.name} version {metadata.version} ({metadata.architecture}) "
+          f"to {folder}")  # fmt: skip
+    _print_metrics(metadata.metrics, metadata.parity)
     return 0
 
 
@@ -270,6 +289,13 @@ def _add_model_flags(parser: argparse.ArgumentParser, default: Path | None = Non
     parser.add_argument("--feature-namespace", help="key prefix of the features (default adscore)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="training rows (default 1M)")
     parser.add_argument("--validation-rows", type=int, help="default 200k")
@@ -281,6 +307,14 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and training")
     parser.add_argument("--epochs", type=int, default=2, help="most epochs (early stopping)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--cross-rank", type=_positive, metavar="N",
+        help="low-rank cross layers (U V^T of rank N): fewer multiply-adds (default full rank)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mlp-layers", type=_positive, nargs="+", metavar="N",
+        help="widths of the deep tower (default 256 128 64)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -326,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("--name", default="pcvr", help="model name (default pcvr)")
     train.add_argument("--no-activate", action="store_true", help="publish without activating")
+    train.add_argument(
+        "--quantize", choices=["none", "int8"], default="none",
+        help="int8: publish the dynamically quantized model, recalibrated on its own outputs "
+        "(default none)",
+    )  # fmt: skip
     train.set_defaults(handler=cmd_train)
 
     curve = commands.add_parser(
