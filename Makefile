@@ -17,7 +17,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,train,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,train,bench,distributed]'
 	touch $@ $(VENV)/.serve-installed
 
 run: $(VENV)/.serve-installed  ## serve the demo model on http://127.0.0.1:8000 (serving deps only)
@@ -30,7 +30,7 @@ lint: $(VENV)/.dev-installed  ## ruff format check and lint
 	$(BIN)/ruff check .
 
 typecheck: $(VENV)/.dev-installed  ## mypy --strict
-	$(BIN)/mypy service models feature_client benchmarks tests
+	$(BIN)/mypy service models feature_client batch_scoring benchmarks tests
 
 pytest: $(VENV)/.dev-installed  ## the test suite alone
 	$(BIN)/pytest

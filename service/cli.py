@@ -1,4 +1,5 @@
-"""The `adscore` command: serve, demo, train, learning-curve, load-features, models, keys.
+"""The `adscore` command: serve, demo, train, learning-curve, load-features, batch-score,
+evaluate, export-features, models, keys.
 
 Training and the synthetic data set are imported only by the commands that need them, so the
 serving install (no torch) runs every other command.
@@ -269,6 +270,168 @@ def cmd_load_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_scoring_installed() -> bool:
+    """Batch scoring reads and writes Parquet: the serving install has no pyarrow."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        print("error: batch scoring needs pyarrow: pip install 'adscore[parquet]'", file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_batch_score(args: argparse.Namespace) -> int:
+    """Score request files offline with a served model version and the online features."""
+    if not _batch_scoring_installed():
+        return 2
+    import os
+
+    from batch_scoring.errors import BatchError
+    from batch_scoring.features import FeatureSource, RedisFeatures, SnapshotFeatures
+    from batch_scoring.reader import list_inputs
+    from batch_scoring.runner import load_model, run_batch
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    try:
+        files = list_inputs(args.input)  # bad input is refused before a model loads
+        features: FeatureSource = (
+            SnapshotFeatures(args.features)
+            if args.features is not None
+            else RedisFeatures(settings.redis_url, settings.feature_namespace)
+        )
+        try:
+            model = load_model(
+                settings.model_repository,
+                args.model or settings.model_name,
+                args.threads or os.cpu_count() or 1,
+                features,
+            )
+            summary = run_batch(
+                model, features, files, args.output, chunk_rows=args.chunk_rows,
+                restart=args.restart, progress=not args.quiet,
+            )  # fmt: skip
+        finally:
+            features.close()
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    print(f"scores in {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """AUC, log loss and calibration of batch scores against labels, per model version."""
+    if not _batch_scoring_installed():
+        return 2
+    import json
+
+    from batch_scoring.errors import BatchError
+    from batch_scoring.evaluate import evaluate, plot_reliability, read_scored, report_lines
+
+    try:
+        table = read_scored(args.scores, args.label_column, args.labels, args.on or ())
+        if table.num_rows == 0:
+            raise BatchError("no scored row has a label (check --on and the label file)")
+        reports = evaluate(table, args.label_column, args.bins)
+        if args.plot is not None:
+            plot_reliability(reports, args.plot)
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report_lines(reports)))
+    if args.json is not None:
+        args.json.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+    if args.plot is not None:
+        print(f"reliability plot: {args.plot}")
+    return 0
+
+
+def cmd_export_features(args: argparse.Namespace) -> int:
+    """Snapshot the online features of a Redis into one Parquet file, for batch scoring."""
+    if not _batch_scoring_installed():
+        return 2
+    from batch_scoring.errors import BatchError
+    from batch_scoring.features import write_snapshot
+
+    settings = _settings(args)
+    try:
+        counts = write_snapshot(
+            settings.redis_url, settings.feature_namespace, args.output, progress=not args.quiet
+        )
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['user']} user and {counts['ad']} ad feature vectors to {args.output}")
+    return 0
+
+
+def _add_batch_commands(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch-score",
+        help="score request files (Parquet/CSV) offline, resumable, with a served model version",
+        description="Read request rows (user_id, ad_id, context columns) in chunks, fetch their "
+        "features from the online Redis (or a snapshot from export-features), score them with "
+        "the model version and the feature code that serve /v1/score, and write Parquet parts "
+        "(input columns + model, model_version, score, missing_user, missing_ad). A rerun into "
+        "the same --output skips the chunks already done.",
+    )
+    batch.add_argument("--input", type=Path, required=True, help="a .parquet/.csv file or folder")
+    batch.add_argument("--output", type=Path, required=True, help="folder for the scored parts")
+    batch.add_argument(
+        "--model", help="NAME (its active version) or NAME:VERSION (default: the default model)"
+    )
+    batch.add_argument("--model-repository", type=Path, help="default model_repository")
+    batch.add_argument("--redis-url", help="Redis with the online features")
+    batch.add_argument("--feature-namespace", help="key prefix of the features (default adscore)")
+    batch.add_argument(
+        "--features", type=Path, metavar="SNAPSHOT",
+        help="read features from a snapshot (adscore export-features) instead of Redis",
+    )  # fmt: skip
+    batch.add_argument(
+        "--chunk-rows", type=_positive, default=100_000,
+        help="rows per chunk: the unit of memory, output files and resumption (default 100000)",
+    )  # fmt: skip
+    batch.add_argument("--threads", type=_positive, help="onnxruntime threads (default: cores)")
+    batch.add_argument("--restart", action="store_true", help="discard a previous run in --output")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    batch.set_defaults(handler=cmd_batch_score)
+
+    evaluation = commands.add_parser(
+        "evaluate",
+        help="AUC, log loss and calibration of batch scores against labels, per model version",
+        description="Join batch-score output with labels (conversions) and report, per model "
+        "version, AUC, log loss, expected calibration error and a reliability table.",
+    )
+    evaluation.add_argument(
+        "--scores", type=Path, nargs="+", required=True, help="batch-score output folder(s)"
+    )
+    evaluation.add_argument(
+        "--labels", type=Path,
+        help="Parquet/CSV file or folder of labels (default: the label column of the scores)",
+    )  # fmt: skip
+    evaluation.add_argument("--on", nargs="+", help="key column(s) joining scores and labels")
+    evaluation.add_argument("--label-column", default="label", help="0/1 outcome (default label)")
+    evaluation.add_argument("--bins", type=_positive, default=10, help="reliability bins (10)")
+    evaluation.add_argument("--plot", type=Path, help="write a reliability diagram (PNG)")
+    evaluation.add_argument("--json", type=Path, help="write the reports as JSON")
+    evaluation.set_defaults(handler=cmd_evaluate)
+
+    export = commands.add_parser(
+        "export-features",
+        help="snapshot the online features of a Redis into a Parquet file (for batch-score)",
+        description="Copy every user and ad feature vector (the stored bytes) and the schema "
+        "stamp from Redis into one Parquet file, read by batch-score --features.",
+    )
+    export.add_argument("--output", type=Path, required=True, help="the .parquet file to write")
+    export.add_argument("--redis-url", help="Redis with the online features")
+    export.add_argument("--feature-namespace", help="key prefix of the features (default adscore)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(handler=cmd_export_features)
+
+
 def _add_service_flags(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
@@ -400,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--quiet", action="store_true", help="no progress bars")
     load.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     load.set_defaults(handler=cmd_load_features)
+
+    _add_batch_commands(commands)
 
     from service.cli_admin import register
 
