@@ -274,18 +274,23 @@ def test_sigterm_mid_load_completes_every_accepted_request(tmp_path: Path, stack
     )
     server.start()
     admin = redis.Redis.from_url(stack.redis.url)
-    admin.execute_command("CLIENT", "PAUSE", "600", "ALL")  # type: ignore[no-untyped-call]
-    with ThreadPoolExecutor(8) as pool:
-        futures = [
-            pool.submit(httpx.post, f"{server.url}/v1/score", json=_body(i), timeout=30)
-            for i in range(8)
-        ]
-        time.sleep(0.2)  # all eight are in flight, waiting for Redis
-        assert server.process is not None
-        server.process.send_signal(signal.SIGTERM)
-        responses = [f.result() for f in futures]
-    exit_code = server.process.wait(timeout=60)
-    admin.close()
+    try:
+        admin.execute_command("CLIENT", "PAUSE", "2000", "ALL")  # type: ignore[no-untyped-call]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(httpx.post, f"{server.url}/v1/score", json=_body(i), timeout=30)
+                for i in range(8)
+            ]
+            # SIGTERM once all eight are in flight (waiting for Redis): on a busy machine the
+            # client threads may take a while to connect, and a late one would be refused.
+            _wait_for_in_flight(server.url, 8, timeout_seconds=1.5)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        exit_code = server.process.wait(timeout=60)
+    finally:
+        admin.close()
+        server.stop()
     print(
         f"chaos SIGTERM with 8 requests in flight: {sum(r.status_code == 200 for r in responses)} "
         f"completed with 200, exit code {exit_code}"
@@ -293,6 +298,16 @@ def test_sigterm_mid_load_completes_every_accepted_request(tmp_path: Path, stack
     assert [r.status_code for r in responses] == [200] * 8
     assert not any(r.json()["degraded"] for r in responses)
     assert "Application shutdown complete" in server.log()
+
+
+def _wait_for_in_flight(url: str, count: int, timeout_seconds: float) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        for line in httpx.get(f"{url}/metrics").text.splitlines():
+            if line.startswith("adscore_in_flight_requests ") and float(line.split()[1]) >= count:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} requests were not in flight within {timeout_seconds} s")
 
 
 def test_sigterm_fails_readiness_at_once_and_serves_through_the_drain_delay(
