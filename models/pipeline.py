@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, assemble_inputs
+from feature_client.reference import DriftReference, build_reference
 from models.calibration import fit_platt
 from models.dcn import DCNConfig, DCNv2, LogisticRegression
 from models.evaluation import expected_calibration_error, log_loss, roc_auc
@@ -97,6 +98,8 @@ class TrainedModel:
     baseline_report: FitReport
     calibration_rows: LabelledRows
     """Kept to recalibrate a quantized export on its own outputs."""
+    validation: LabelledRows | None = None
+    """Summarised into the drift reference each published version carries."""
 
 
 def build_rows(
@@ -226,6 +229,7 @@ def run_training(
         model_report,
         baseline_report,
         data.calibration_rows,
+        data.validation,
     )
 
 
@@ -238,6 +242,16 @@ def _golden_rows(
     return GoldenRows(
         dense=dense.tolist(), ids=ids.tolist(), probabilities=calibration.apply(logits).tolist()
     )
+
+
+def drift_reference(
+    trained: TrainedModel, onnx_path: Path, calibration: Calibration
+) -> DriftReference:
+    """Validation inputs and the exported file's own calibrated scores, summarised."""
+    rows = trained.validation or trained.calibration_rows
+    threads = trained.plan.threads or os.cpu_count() or 1
+    scores = calibration.apply(onnx_logits(onnx_path, rows.inputs, threads=threads))
+    return build_reference(trained.world.spec, rows.inputs.dense, rows.inputs.ids, scores)
 
 
 @dataclass(frozen=True)
@@ -399,5 +413,6 @@ def _publish(
             "config": plan.world.to_dict(),
             "checksum": trained.world.checksum(),
         },
+        drift_reference=drift_reference(trained, onnx_path, published.calibration),
     )
     return repository.publish(name, onnx_path, metadata, activate=activate)

@@ -21,6 +21,7 @@ from feature_client.redis_store import RedisFeatureStore
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, SchemaStamp
 from service.admission import AdmissionControl
 from service.auth import AuthConfigError, KeyRing
+from service.drift import scored_versions
 from service.errors import install_error_handlers
 from service.fast_path import AdscoreApp
 from service.metrics import Metrics
@@ -159,6 +160,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             cleanup.push_async_callback(manager.close)
             pipeline = ScoringPipeline(manager, feature_store, metrics, settings)
             cleanup.callback(pipeline.close)
+            metrics.drift.source = lambda: pipeline.drift.table(scored_versions(manager.plans()))
             admission = AdmissionControl(settings.max_in_flight, metrics.in_flight, metrics.shed)
             app.state.service = ServiceState(
                 settings, metrics, manager, feature_store, pipeline, keys, admission

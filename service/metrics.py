@@ -6,11 +6,19 @@ lists, and model labels name versions, never users, ads or tenants.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from service.batcher import BatchMetrics
+
+if TYPE_CHECKING:
+    from service.drift import VersionDrift
 
 # Seconds; dense between 1 and 50 ms, where a scoring request lives.
 LATENCY_BUCKETS = (
@@ -23,6 +31,63 @@ STAGE_BUCKETS = (
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STAGES = ("feature_fetch", "input_assembly", "inference", "response")
+
+
+class DriftCollector(Collector):
+    """Drift gauges, computed from the rolling windows at scrape time (never stale, and only
+    for loaded versions: labels are bounded by the spec's feature names and those versions)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[VersionDrift]] = list
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "adscore_feature_psi",
+                "Population stability index of a feature: live window vs training reference.",
+                labels=["model", "version", "feature"],
+            ),
+            GaugeMetricFamily(
+                "adscore_score_psi",
+                "Population stability index of the calibrated score vs training reference.",
+                labels=["model", "version"],
+            ),
+            GaugeMetricFamily(
+                "adscore_feature_missing_rate",
+                "Share of sampled rows whose entity features were missing (scored on defaults).",
+                labels=["model", "version", "entity"],
+            ),
+            GaugeMetricFamily(
+                "adscore_mean_predicted_pcvr",
+                "Mean calibrated pCVR of the sampled rows in the drift window.",
+                labels=["model", "version"],
+            ),
+            GaugeMetricFamily(
+                "adscore_drift_window_rows",
+                "Sampled rows in the drift window (PSI is reported from drift_min_rows on).",
+                labels=["model", "version"],
+            ),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        features, score, missing, mean, rows = families = self._families()
+        for drift in self.source():
+            labels = [drift.model, str(drift.version)]
+            rows.add_metric(labels, drift.rows)
+            for name, value in drift.feature_psi.items():
+                if value is not None:
+                    features.add_metric([*labels, name], value)
+            if drift.score_psi is not None:
+                score.add_metric(labels, drift.score_psi)
+            for entity, rate in drift.missing_rate.items():
+                if rate is not None:
+                    missing.add_metric([*labels, entity], rate)
+            if drift.mean_pcvr is not None:
+                mean.add_metric(labels, drift.mean_pcvr)
+        return iter(families)
 
 
 class Metrics:
@@ -188,6 +253,14 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.drift_dropped = Counter(
+            "adscore_drift_dropped",
+            "Sampled requests not binned for drift because the drift queue was full, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.drift = DriftCollector()
+        registry.register(self.drift)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for entity in ("user", "ad"):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from feature_client.reference import DriftReference
 from feature_client.spec import FeatureSpec
 from service.calibration import Calibration
 
@@ -60,6 +61,9 @@ class ModelMetadata(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] | None = None
     """The synthetic data set's config and checksum, when it was trained on one."""
+    drift_reference: DriftReference | None = None
+    """Input and score distributions on validation rows, for drift monitoring (absent from
+    versions published before it existed: those are served without PSI)."""
 
     def spec(self) -> FeatureSpec:
         return FeatureSpec.from_dict(self.feature_spec)

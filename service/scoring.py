@@ -32,6 +32,7 @@ from feature_client.codec import DecodedRows
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
 from service.batcher import BatchingPolicy, MicroBatcher
 from service.circuit_breaker import CircuitBreaker
+from service.drift import DriftMonitor
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.metrics import Metrics
 from service.registry import LoadedModel
@@ -104,6 +105,14 @@ class ScoringPipeline:
             metrics.batching(),
         )
         self.shadow = ShadowScorer(metrics, settings.shadow_max_pending)
+        self.drift = DriftMonitor(
+            sample_rate=settings.drift_sample_rate,
+            max_pending=settings.drift_max_pending,
+            window_seconds=settings.drift_window_seconds,
+            window_buckets=settings.drift_window_buckets,
+            min_rows=settings.drift_min_rows,
+            dropped=metrics.drift_dropped,
+        )
         self._breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
             settings.breaker_open_seconds,
@@ -116,6 +125,7 @@ class ScoringPipeline:
 
     def close(self) -> None:
         self.batcher.close()
+        self.drift.close()
 
     def deadline(self, timeout_ms: float | None) -> float:
         """When a request arriving now must be answered, in the event loop's clock."""
@@ -217,6 +227,8 @@ class ScoringPipeline:
                 shadow_context = self._context(shadow, request.context)
                 shadow_inputs = self._layout(shadow, raw, shadow_context)[2]
             self.shadow.submit(shadow, shadow_inputs, scores)
+        # A sample of requests, binned on the drift worker thread (O(1) here).
+        self.drift.submit(model, inputs, scores, bool(user.found[0]), ads.found)
 
         def result(missing_user: bool, missing_ads: list[str], degraded: bool) -> ScoreResult:
             return ScoreResult(

@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     """CPU nice value of the model loader thread, so loading yields to scoring."""
     shadow_max_pending: int = Field(32, ge=1)
     """Shadow scorings queued at most; past it shadow work is dropped (and counted)."""
+    drift_sample_rate: float = Field(0.05, ge=0.0, le=1.0)
+    """Share of scoring requests whose rows feed drift monitoring (0 turns it off)."""
+    drift_max_pending: int = Field(256, ge=1)
+    """Sampled requests waiting to be binned; past it samples are dropped (and counted)."""
+    drift_window_seconds: float = Field(3600.0, gt=0)
+    """Span of the rolling window drift is computed over."""
+    drift_window_buckets: int = Field(12, ge=1, le=1440)
+    """Buckets of the rolling window: it moves on by window_seconds / buckets at a time."""
+    drift_min_rows: int = Field(1000, ge=1)
+    """Rows a window needs before PSI is reported (fewer give noise, not signal)."""
     execution_provider: Literal["cpu", "cuda"] = "cpu"
     """onnxruntime execution provider; cuda falls back to cpu with a warning when unavailable."""
     cuda_tf32: bool = False

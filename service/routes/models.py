@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.audit import audit
 from service.auth import Principal
+from service.drift import scored_versions
 from service.errors import Conflict, InvalidRequest, ModelRefused, UnknownModel
 from service.model_metadata import ModelMetadata
 from service.registry import ModelLoadError
@@ -139,6 +140,24 @@ async def show_model(name: ModelName, state: StateDep, _: CallerDep) -> dict[str
         return {"name": name, "policy": repository.policy(name).model_dump(), "versions": published}
 
     return await asyncio.to_thread(read)
+
+
+@router.get(
+    "/v1/models/{name}/drift",
+    summary="Live input and score drift of the versions serving a model, vs their references",
+    responses={**READ_ERRORS, 404: {"model": ErrorBody, "description": "Not loaded here."}},
+)
+async def show_drift(name: ModelName, state: StateDep, _: CallerDep) -> dict[str, Any]:
+    plan = state.models.plan(name)
+    if plan is None:
+        raise UnknownModel(f"model {name!r} is not loaded on this replica")
+    drift = state.pipeline.drift
+    return {
+        "name": name,
+        "sample_rate": drift.sample_rate,
+        "min_rows": drift.min_rows,
+        "versions": [v.to_json() for v in drift.table(scored_versions([plan]))],
+    }
 
 
 @router.post(

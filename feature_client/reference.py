@@ -1,0 +1,144 @@
+"""Reference distributions of a model's inputs and scores, summarised at training time.
+
+Stored in metadata.json so that the service can compare live traffic with what the model was
+validated on. Dense features and the score are cut into quantile bins, categorical features
+keep their top-k ids plus one "other" share, and each entity (user, ad) has a missing rate.
+numpy only: training writes these summaries and serving bins live rows with the same functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+from feature_client.spec import UNKNOWN_ID, FeatureSource, FeatureSpec
+
+DENSE_BINS = 10
+TOP_IDS = 20
+ENTITIES: tuple[FeatureSource, ...] = ("user", "ad")
+
+
+class BinnedSummary(BaseModel):
+    """A numeric distribution: bin i holds values in (edges[i-1], edges[i]], outer bins open."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    edges: list[float]
+    shares: list[float]
+    """len(edges) + 1 shares summing to 1."""
+
+    def counts(self, values: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
+        return bin_counts(np.asarray(self.edges), values)
+
+
+class TopIdsSummary(BaseModel):
+    """A categorical distribution: the most frequent ids, then everything else."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    ids: list[int]
+    shares: list[float]
+    """len(ids) + 1 shares summing to 1; the last one is "other"."""
+
+    def counts(self, values: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
+        return id_counts(np.asarray(self.ids, dtype=np.int64), values)
+
+
+class DriftReference(BaseModel):
+    """What a model's inputs and calibrated scores looked like on its validation rows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rows: int
+    dense: list[BinnedSummary]
+    """In the spec's dense input order."""
+    categorical: list[TopIdsSummary]
+    """In the spec's categorical input order."""
+    missing_rate: dict[str, float]
+    """Share of rows whose user (ad) features were missing and replaced by defaults."""
+    score: BinnedSummary
+    mean_score: float
+
+
+def quantile_edges(values: npt.NDArray[np.floating], bins: int) -> npt.NDArray[np.float64]:
+    """Inner cut points of `bins` equal-mass bins; ties (a default repeated) merge bins."""
+    finite = values[np.isfinite(values)]
+    if len(finite) == 0:
+        return np.zeros(0)
+    cuts = np.quantile(finite.astype(np.float64), np.linspace(0, 1, bins + 1)[1:-1])
+    return np.unique(cuts)
+
+
+def bin_counts(
+    edges: npt.NDArray[np.float64], values: npt.NDArray[np.floating]
+) -> npt.NDArray[np.int64]:
+    """Rows per bin of `edges`; NaN lands in the top bin."""
+    index = np.searchsorted(edges, values, side="left")
+    return np.bincount(index, minlength=len(edges) + 1).astype(np.int64)
+
+
+def id_counts(top: npt.NDArray[np.int64], values: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
+    """Rows per id of `top` (any order), then the rows of every other id."""
+    if len(top) == 0:
+        return np.asarray([len(values)], dtype=np.int64)
+    order = np.argsort(top, kind="stable")
+    ordered = top[order]
+    position = np.minimum(np.searchsorted(ordered, values), len(top) - 1)
+    slot = np.where(ordered[position] == values, order[position], len(top))
+    return np.bincount(slot, minlength=len(top) + 1).astype(np.int64)
+
+
+def _shares(counts: npt.NDArray[np.int64]) -> list[float]:
+    total = max(int(counts.sum()), 1)
+    return [round(float(c) / total, 6) for c in counts]
+
+
+def binned(name: str, values: npt.NDArray[np.floating], bins: int = DENSE_BINS) -> BinnedSummary:
+    edges = quantile_edges(values, bins)
+    return BinnedSummary(name=name, edges=edges.tolist(), shares=_shares(bin_counts(edges, values)))
+
+
+def top_ids(name: str, values: npt.NDArray[np.integer], k: int = TOP_IDS) -> TopIdsSummary:
+    ids, counts = np.unique(values, return_counts=True)
+    top = ids[np.argsort(-counts, kind="stable")[:k]].astype(np.int64)
+    return TopIdsSummary(name=name, ids=top.tolist(), shares=_shares(id_counts(top, values)))
+
+
+def entity_columns(spec: FeatureSpec, source: FeatureSource) -> npt.NDArray[np.intp]:
+    """Columns of the ids input that belong to one entity."""
+    names = spec.categorical_names
+    return np.asarray([names.index(f.name) for f in spec.categorical(source)], dtype=np.intp)
+
+
+def missing_rows(
+    spec: FeatureSpec, ids: npt.NDArray[np.integer], source: FeatureSource
+) -> npt.NDArray[np.bool_]:
+    """Rows whose entity was replaced by defaults, seen from the inputs alone: every id of the
+    entity is the unknown id (a stored entity always has at least its own hashed id)."""
+    columns = entity_columns(spec, source)
+    if len(columns) == 0:
+        return np.zeros(len(ids), dtype=np.bool_)
+    result: npt.NDArray[np.bool_] = (ids[:, columns] == UNKNOWN_ID).all(axis=1)
+    return result
+
+
+def build_reference(
+    spec: FeatureSpec,
+    dense: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.integer],
+    scores: npt.NDArray[np.float64],
+) -> DriftReference:
+    """Summarise validation inputs (laid out as the model reads them) and their scores."""
+    return DriftReference(
+        rows=len(dense),
+        dense=[binned(name, dense[:, j]) for j, name in enumerate(spec.dense_names)],
+        categorical=[top_ids(name, ids[:, j]) for j, name in enumerate(spec.categorical_names)],
+        missing_rate={
+            source: round(float(missing_rows(spec, ids, source).mean()), 6) for source in ENTITIES
+        },
+        score=binned("score", scores),
+        mean_score=float(scores.mean()),
+    )

@@ -1,0 +1,318 @@
+"""Online drift: live inputs and scores against the reference each version was published with.
+
+score() hands a sample of its requests to the DriftMonitor (one random draw and a put_nowait on
+a bounded queue: O(1) on the request's path, dropped and counted when full). A worker thread at
+a lower CPU priority bins the rows into rolling windows per version (a ring of fixed-duration
+buckets); PSI, missing rates and mean pCVR are computed from the window when read (scrape or
+GET /v1/models/{name}/drift).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Counter
+
+from feature_client.assembly import ModelInputs
+from feature_client.reference import ENTITIES, BinnedSummary, DriftReference, TopIdsSummary
+from service.model_manager import lower_thread_priority
+from service.registry import LoadedModel
+from service.routing import ServingPlan
+
+logger = logging.getLogger("adscore.drift")
+
+# Shares below this count as this much, so an empty bin gives a large but finite PSI.
+PSI_FLOOR = 1e-4
+DRIFT_NICE = 10
+
+Key = tuple[str, int]
+
+
+def psi(expected: Iterable[float], actual: Iterable[float]) -> float:
+    """Population stability index: sum (a - e) * ln(a / e) over bins of two distributions."""
+    e = np.maximum(np.asarray(list(expected), dtype=np.float64), PSI_FLOOR)
+    a = np.maximum(np.asarray(list(actual), dtype=np.float64), PSI_FLOOR)
+    return float(((a - e) * np.log(a / e)).sum())
+
+
+def shares(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    total = counts.sum()
+    return counts / total if total else np.zeros(len(counts))
+
+
+@dataclass
+class Tally:
+    """Counts of binned rows of one version over some time span."""
+
+    rows: int = 0
+    dense: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    categorical: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    score: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    missing: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(2, dtype=np.int64))
+    """Rows whose user, ad was missing."""
+    score_sum: float = 0.0
+
+    @classmethod
+    def of(
+        cls,
+        reference: DriftReference | None,
+        inputs: ModelInputs,
+        scores: npt.NDArray[np.float64],
+        user_found: bool,
+        ads_found: npt.NDArray[np.bool_],
+    ) -> Tally:
+        """Bin one request's rows (the worker thread's job, never the request's)."""
+        n = len(scores)
+        tally = cls(
+            rows=n,
+            missing=np.asarray([0 if user_found else n, n - int(ads_found.sum())]),
+            score_sum=float(scores.sum()),
+        )
+        if reference is not None:
+            tally.dense = [s.counts(inputs.dense[:, j]) for j, s in enumerate(reference.dense)]
+            tally.categorical = [
+                s.counts(inputs.ids[:, j]) for j, s in enumerate(reference.categorical)
+            ]
+            tally.score = reference.score.counts(scores)
+        return tally
+
+    def merge(self, other: Tally) -> Tally:
+        if self.rows == 0:
+            return other
+        if other.rows == 0:
+            return self
+        return Tally(
+            self.rows + other.rows,
+            [a + b for a, b in zip(self.dense, other.dense, strict=True)],
+            [a + b for a, b in zip(self.categorical, other.categorical, strict=True)],
+            self.score + other.score,
+            self.missing + other.missing,
+            self.score_sum + other.score_sum,
+        )
+
+
+class RollingWindow:
+    """The last `buckets` x `bucket_seconds` of tallies, as a ring of per-bucket sums."""
+
+    def __init__(
+        self, buckets: int, bucket_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._buckets = buckets
+        self._bucket_seconds = bucket_seconds
+        self._clock = clock
+        self._ring: list[tuple[int, Tally]] = []
+
+    def _now(self) -> int:
+        return int(self._clock() // self._bucket_seconds)
+
+    def _expire(self, now: int) -> None:
+        self._ring = [(b, t) for b, t in self._ring if b > now - self._buckets]
+
+    def add(self, tally: Tally) -> None:
+        now = self._now()
+        self._expire(now)
+        if self._ring and self._ring[-1][0] == now:
+            self._ring[-1] = (now, self._ring[-1][1].merge(tally))
+        else:
+            self._ring.append((now, tally))
+
+    def total(self) -> Tally:
+        self._expire(self._now())
+        result = Tally()
+        for _, tally in self._ring:
+            result = result.merge(tally)
+        return result
+
+
+@dataclass(frozen=True)
+class VersionDrift:
+    """One version's live window against its reference; PSI is None below min_rows."""
+
+    model: str
+    version: int
+    rows: int
+    window_seconds: float
+    reference: DriftReference | None
+    feature_psi: dict[str, float | None]
+    score_psi: float | None
+    missing_rate: dict[str, float | None]
+    mean_pcvr: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "version": self.version,
+            "window_rows": self.rows,
+            "window_seconds": self.window_seconds,
+            "has_reference": self.reference is not None,
+            "feature_psi": self.feature_psi,
+            "score_psi": self.score_psi,
+            "missing_rate": self.missing_rate,
+            "mean_pcvr": self.mean_pcvr,
+        }
+        if self.reference is None:
+            body["message"] = (
+                f"version {self.version} was published without a drift reference "
+                "(metadata.json has no drift_reference): no PSI can be computed; republish it "
+                "with `adscore train` to get one"
+            )
+        else:
+            body["reference_missing_rate"] = self.reference.missing_rate
+            body["reference_mean_pcvr"] = self.reference.mean_score
+        return body
+
+
+def _version_drift(
+    model: LoadedModel, tally: Tally, window_seconds: float, min_rows: int
+) -> VersionDrift:
+    reference = model.metadata.drift_reference
+    enough = reference is not None and tally.rows >= min_rows and tally.rows > 0
+    feature_psi: dict[str, float | None] = {}
+    score_psi = None
+    if reference is not None:
+        summaries: list[BinnedSummary | TopIdsSummary] = [*reference.dense, *reference.categorical]
+        counts = [*tally.dense, *tally.categorical]  # empty until the first sample
+        for i, summary in enumerate(summaries):
+            feature_psi[summary.name] = (
+                round(psi(summary.shares, shares(counts[i])), 6) if enough else None
+            )
+        if enough:
+            score_psi = round(psi(reference.score.shares, shares(tally.score)), 6)
+    rows = tally.rows
+    return VersionDrift(
+        model.name,
+        model.version,
+        rows,
+        window_seconds,
+        reference,
+        feature_psi,
+        score_psi,
+        {e: float(tally.missing[i]) / rows if rows else None for i, e in enumerate(ENTITIES)},
+        tally.score_sum / rows if rows else None,
+    )
+
+
+def scored_versions(plans: Iterable[ServingPlan]) -> list[LoadedModel]:
+    """The versions requests are scored with (active, canary): those drift is sampled for."""
+    return [m for plan in plans for m in (plan.active, plan.canary) if m is not None]
+
+
+@dataclass(frozen=True)
+class Sample:
+    model: LoadedModel
+    inputs: ModelInputs
+    scores: npt.NDArray[np.float64]
+    user_found: bool
+    ads_found: npt.NDArray[np.bool_]
+
+
+class DriftMonitor:
+    """Samples scored requests and keeps a rolling window of their bins per version."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate: float,
+        max_pending: int,
+        window_seconds: float,
+        window_buckets: int,
+        min_rows: int,
+        dropped: Counter,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sample_rate = sample_rate
+        self.window_seconds = window_seconds
+        self._bucket_seconds = window_seconds / window_buckets
+        self._window_buckets = window_buckets
+        self.min_rows = min_rows
+        self._dropped = dropped
+        self._clock = clock
+        self._queue: queue.Queue[Sample | None] = queue.Queue(max_pending)
+        self._windows: dict[Key, RollingWindow] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(
+        self,
+        model: LoadedModel,
+        inputs: ModelInputs,
+        scores: npt.NDArray[np.float64],
+        user_found: bool,
+        ads_found: npt.NDArray[np.bool_],
+    ) -> None:
+        """On the request's path: a coin flip and a non-blocking enqueue, nothing more."""
+        if self.sample_rate <= 0 or random.random() >= self.sample_rate:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="adscore-drift", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait(Sample(model, inputs, scores, user_found, ads_found))
+        except queue.Full:
+            self._dropped.labels(model.name).inc()
+
+    def _run(self) -> None:
+        lower_thread_priority(DRIFT_NICE)
+        while (sample := self._queue.get()) is not None:
+            try:
+                self.record(sample)
+            except Exception:  # drift is advice: a bad sample must not stop the worker
+                logger.exception("drift: binning a sample failed")
+            finally:
+                self._queue.task_done()
+
+    def record(self, sample: Sample) -> None:
+        model = sample.model
+        tally = Tally.of(
+            model.metadata.drift_reference,
+            sample.inputs,
+            sample.scores,
+            sample.user_found,
+            sample.ads_found,
+        )
+        key = (model.name, model.version)
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None:
+                window = RollingWindow(self._window_buckets, self._bucket_seconds, self._clock)
+                self._windows[key] = window
+            window.add(tally)
+
+    def table(self, models: Iterable[LoadedModel]) -> list[VersionDrift]:
+        """Drift of these versions; windows of any other version are dropped (label bound)."""
+        models = list(models)
+        keys = {(m.name, m.version) for m in models}
+        with self._lock:
+            self._windows = {k: w for k, w in self._windows.items() if k in keys}
+            totals = {k: w.total() for k, w in self._windows.items()}
+        return [
+            _version_drift(
+                m, totals.get((m.name, m.version), Tally()), self.window_seconds, self.min_rows
+            )
+            for m in models
+        ]
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued sample is binned (tests); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self) -> None:
+        if self._thread is not None:
+            # When the queue is full the daemon thread simply ends with the process.
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+            self._thread.join(timeout=1)

@@ -1,0 +1,174 @@
+"""Drift math and bookkeeping: PSI, reference bins, rolling windows, the bounded sample queue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from feature_client.assembly import ModelInputs
+from feature_client.reference import (
+    bin_counts,
+    build_reference,
+    id_counts,
+    missing_rows,
+    quantile_edges,
+)
+from service.drift import DriftMonitor, RollingWindow, Tally, VersionDrift, psi
+from service.metrics import Metrics
+from service.registry import LoadedModel
+from tests.fixtures import LinearRuntime, metadata_for, tiny_spec
+
+
+def test_psi_is_zero_for_identical_distributions_and_known_for_a_shift() -> None:
+    assert psi([0.1, 0.2, 0.7], [0.1, 0.2, 0.7]) == 0.0
+    # (0.25 - 0.5) ln(0.25 / 0.5) + (0.75 - 0.5) ln(0.75 / 0.5)
+    assert psi([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.25 * np.log(2) + 0.25 * np.log(1.5))
+    # An emptied bin counts as 1e-4, not as 0: large but finite.
+    assert 1.0 < psi([0.5, 0.5], [0.0, 1.0]) < 10.0
+
+
+def test_quantile_edges_give_equal_mass_bins_and_merge_ties() -> None:
+    values = np.random.default_rng(0).normal(size=100_000)
+    edges = quantile_edges(values, 10)
+    assert len(edges) == 9
+    np.testing.assert_allclose(bin_counts(edges, values) / len(values), 0.1, atol=1e-3)
+    # A feature stuck at its default has one edge: every value in the lower bin.
+    stuck = np.full(100, 0.5)
+    assert quantile_edges(stuck, 10).tolist() == [0.5]
+    assert bin_counts(np.asarray([0.5]), stuck).tolist() == [100, 0]
+
+
+def test_id_counts_keep_the_top_ids_in_their_order_then_other() -> None:
+    counts = id_counts(np.asarray([7, 3]), np.asarray([3, 3, 7, 1, 9, 3]))
+    assert counts.tolist() == [1, 3, 2]
+    assert id_counts(np.zeros(0, dtype=np.int64), np.asarray([1, 2])).tolist() == [2]
+
+
+def _model(reference_rows: int = 20_000) -> tuple[LoadedModel, ModelInputs]:
+    spec = tiny_spec()
+    rng = np.random.default_rng(1)
+    inputs = _inputs(rng, reference_rows)
+    scores = LinearRuntime().predict(inputs).astype(np.float64)
+    reference = build_reference(spec, inputs.dense, inputs.ids, 1 / (1 + np.exp(-scores)))
+    metadata = metadata_for(spec).model_copy(update={"drift_reference": reference})
+    return LoadedModel.assemble(metadata, LinearRuntime()), inputs
+
+
+def _inputs(rng: np.random.Generator, rows: int, shift: float = 0.0) -> ModelInputs:
+    dense = rng.normal([0.5, 2.0], 1.0, (rows, 2)).astype(np.float32) + shift
+    ids = np.column_stack(
+        [rng.integers(1, 64, rows), rng.integers(1, 128, rows), rng.integers(1, 3, rows),
+         rng.integers(1, 25, rows)]
+    ).astype(np.int64)  # fmt: skip
+    ids[: rows // 100] = 0  # 1 % of rows without user or ad: every id unknown
+    return ModelInputs(dense, ids)
+
+
+def test_the_reference_summarises_every_feature_and_the_missing_rate() -> None:
+    model, inputs = _model()
+    reference = model.metadata.drift_reference
+    assert reference is not None
+    assert [s.name for s in reference.dense] == ["user_activity", "ad_price"]
+    assert [s.name for s in reference.categorical] == ["user_id", "ad_id", "device", "hour"]
+    assert all(sum(s.shares) == pytest.approx(1, abs=1e-5) for s in reference.dense)
+    assert len(reference.categorical[0].ids) == 20  # top-k of 64 buckets, then "other"
+    assert reference.missing_rate == {"user": 0.01, "ad": 0.01}
+    assert missing_rows(model.spec, inputs.ids, "user").sum() == 200
+
+
+def _monitor(metrics: Metrics, max_pending: int = 8, min_rows: int = 1) -> DriftMonitor:
+    return DriftMonitor(
+        sample_rate=1.0,
+        max_pending=max_pending,
+        window_seconds=60,
+        window_buckets=6,
+        min_rows=min_rows,
+        dropped=metrics.drift_dropped,
+    )
+
+
+def _drift_of(model: LoadedModel, inputs: ModelInputs, min_rows: int = 1) -> VersionDrift:
+    monitor = _monitor(Metrics(CollectorRegistry()), min_rows=min_rows)
+    scores = model.score(inputs)
+    monitor.submit(model, inputs, scores, False, np.ones(len(scores), dtype=np.bool_))
+    assert monitor.wait_idle(10)
+    (drift,) = monitor.table([model])
+    monitor.close()
+    return drift
+
+
+def test_psi_stays_near_zero_on_the_reference_distribution_and_rises_on_a_shift() -> None:
+    model, _ = _model()
+    rng = np.random.default_rng(2)
+    same = _drift_of(model, _inputs(rng, 5000))
+    features = {"user_activity", "ad_price", "user_id", "ad_id", "device", "hour"}
+    assert set(same.feature_psi) == features
+    assert max(v for v in same.feature_psi.values() if v is not None) < 0.05
+    assert same.score_psi is not None and same.score_psi < 0.05
+    assert same.missing_rate == {"user": 1.0, "ad": 0.0}
+
+    shifted = _drift_of(model, _inputs(rng, 5000, shift=1.0))
+    assert shifted.feature_psi["ad_price"] is not None and shifted.feature_psi["ad_price"] > 0.5
+    assert shifted.feature_psi["device"] is not None and shifted.feature_psi["device"] < 0.05
+    assert (
+        shifted.score_psi is not None and shifted.score_psi > 0.1
+    )  # the score moves with the price
+
+    too_few = _drift_of(model, _inputs(rng, 50), min_rows=100)
+    assert too_few.rows == 50 and too_few.score_psi is None
+    assert set(too_few.feature_psi.values()) == {None}
+
+
+def test_rolling_window_forgets_buckets_older_than_the_window() -> None:
+    now = [0.0]
+    window = RollingWindow(buckets=3, bucket_seconds=10, clock=lambda: now[0])
+    one = Tally(rows=5, missing=np.asarray([1, 0]), score_sum=0.5)
+    window.add(one)
+    now[0] = 5  # same bucket: merged
+    window.add(one)
+    now[0] = 25
+    window.add(one)
+    assert window.total().rows == 15
+    now[0] = 31  # the first bucket [0, 10) is now out of the last three
+    total = window.total()
+    assert (total.rows, total.missing.tolist()) == (5, [1, 0])
+    now[0] = 1000
+    assert window.total().rows == 0
+
+
+def test_a_full_queue_drops_samples_and_counts_them() -> None:
+    model, inputs = _model(2000)
+    metrics = Metrics(CollectorRegistry())
+    monitor = _monitor(metrics, max_pending=1)
+    scores = model.score(inputs)
+    found = np.ones(len(scores), dtype=np.bool_)
+    submitted = 10
+    with monitor._lock:  # the worker blocks on its first sample: the queue fills up
+        for _ in range(submitted):
+            monitor.submit(model, inputs, scores, True, found)
+    assert monitor.wait_idle(10)
+    dropped = metrics.drift_dropped.labels("pcvr")._value.get()
+    (drift,) = monitor.table([model])
+    assert dropped >= submitted - 2
+    assert drift.rows == (submitted - dropped) * len(scores)
+    monitor.close()
+
+
+def test_drift_gauges_are_exported_for_the_versions_given() -> None:
+    model, inputs = _model(2000)
+    metrics = Metrics(CollectorRegistry())
+    monitor = _monitor(metrics)
+    scores = model.score(inputs)
+    monitor.submit(model, inputs, scores, True, np.ones(len(scores), dtype=np.bool_))
+    assert monitor.wait_idle(10)
+    metrics.drift.source = lambda: monitor.table([model])
+    text = generate_latest(metrics.registry).decode()
+    assert 'adscore_feature_psi{feature="ad_price",model="pcvr",version="1"}' in text
+    assert 'adscore_score_psi{model="pcvr",version="1"}' in text
+    assert 'adscore_feature_missing_rate{entity="user",model="pcvr",version="1"} 0.0' in text
+    assert 'adscore_drift_window_rows{model="pcvr",version="1"} 2000.0' in text
+    # A version no longer served: its window and its labels go.
+    metrics.drift.source = lambda: monitor.table([])
+    assert "adscore_feature_psi{" not in generate_latest(metrics.registry).decode()
+    monitor.close()
