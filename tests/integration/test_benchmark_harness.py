@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks import loadgen, population, providers
+from benchmarks import loadgen, population, providers, settings_ab
 from benchmarks.naive_service import build_app
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
@@ -224,3 +225,26 @@ def test_provider_benchmark_measures_calls_and_the_batching_gain(tmp_path: Path)
     assert off["mean_batch_rows"] == 8  # batching off: one call per 8-row request
     assert on["mean_batch_rows"] > 8  # 16 concurrent callers on 2 threads do queue up
     assert "| cpu | 256 |" in (tmp_path / "providers-cpu.md").read_text()
+
+
+def test_settings_ab_parses_variants_and_refuses_nonsense() -> None:
+    assert settings_ab.parse_variant("drift off:drift_sample_rate=0,max_in_flight=8") == (
+        "drift off",
+        {"drift_sample_rate": "0", "max_in_flight": "8"},
+    )
+    assert settings_ab.parse_variant("defaults:") == ("defaults", {})
+    for wrong in ("no-settings:drift_sample_rate", ":a=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            settings_ab.parse_variant(wrong)
+
+
+def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
+    code = settings_ab.main(
+        ["--variant", "off:drift_sample_rate=0", "--variant", "all:drift_sample_rate=1",
+         "--candidates", "8", "--rate", "20", "--rounds", "1", "--seconds", "1",
+         "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    medians = orjson.loads((tmp_path / "settings_ab.json").read_bytes())["medians"]
+    assert [m["variant"] for m in medians] == ["off", "all"]
+    assert all(m["p99_ms"] > 0 and m["rejected"] == 0 for m in medians)

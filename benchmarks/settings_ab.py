@@ -1,0 +1,109 @@
+"""A/B of adscore settings: the same requests at the same open-loop rate, interleaved rounds.
+
+    python -m benchmarks.settings_ab --candidates 256 --rate 100 --rounds 3 --seconds 10 \\
+        --variant "drift off:drift_sample_rate=0" --variant "drift 5%:drift_sample_rate=0.05"
+
+Each variant is `label:setting=value[,setting=value...]` (settings as in README, Configuration,
+without the ADSCORE_ prefix). One private redis-server with the harness's population; for each
+round, each variant gets a fresh `adscore serve`, a 2 s warm-up, then `--seconds` of Poisson
+arrivals at `--rate`. Prints and writes (to --out) the medians over rounds: p50, p99, server CPU
+per request and refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from benchmarks import population, servers
+from benchmarks.measure import open_loop_point
+from feature_client.redis_server import LocalRedisServer
+from service.repository import ModelRepository
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "model_repository"
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'label:a=1,b=2' -> ('label', {'a': '1', 'b': '2'})."""
+    label, _, assignments = text.partition(":")
+    settings: dict[str, str] = {}
+    for assignment in filter(None, assignments.split(",")):
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected label:setting=value,...")
+        settings[name.strip()] = value.strip()
+    if not label:
+        raise argparse.ArgumentTypeError(f"{text!r}: the variant needs a label")
+    return label, settings
+
+
+def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    metadata = ModelRepository(DEMO).read_metadata("pcvr", 1)
+    world = population.bench_world(metadata, args.users, args.ads)
+    calls = population.request_mix(world, args.requests, candidates=args.candidates)
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.variant}
+    with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
+        population.load_population(redis.url, world, metadata.spec())
+        for index in range(args.rounds):
+            for label, settings in args.variant:
+                with servers.adscore(DEMO, redis.url, Path(tmp) / "adscore.log", **settings) as s:
+                    open_loop_point(s, calls, args.rate, 2.0)  # warm-up
+                    row = open_loop_point(s, calls, args.rate, args.seconds)
+                rounds[label].append(row)
+                print(
+                    f"round {index + 1} {label}: p50 {row['p50_ms']:.1f} ms, "
+                    f"p99 {row['p99_ms']:.1f} ms",
+                    flush=True,
+                )
+    return rounds
+
+
+def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    def mid(rows: list[dict[str, Any]], key: str) -> float:
+        return float(median(r[key] for r in rows))
+
+    return [
+        {
+            "variant": label,
+            "p50_ms": mid(rows, "p50_ms"),
+            "p99_ms": mid(rows, "p99_ms"),
+            "server_cpu_ms_per_request": mid(rows, "server_cpu_ms_per_request"),
+            "rejected": mid(rows, "rejected"),
+        }
+        for label, rows in rounds.items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.settings_ab", description=__doc__)
+    parser.add_argument("--variant", type=parse_variant, action="append", required=True)
+    parser.add_argument("--candidates", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=100.0, help="requests/s (open loop)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--ads", type=int, default=200_000)
+    parser.add_argument("--requests", type=int, default=5_000)
+    parser.add_argument("--out", type=Path, default=Path("bench-report"))
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
+    table = summary(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"command": " ".join(["python -m benchmarks.settings_ab", *raw]), "medians": table}
+    (args.out / "settings_ab.json").write_text(json.dumps(result, indent=2))
+    for row in table:
+        print(
+            f"{row['variant']}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+            f"server CPU {row['server_cpu_ms_per_request']:.3f} ms/request, "
+            f"refused {row['rejected']:.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
