@@ -416,3 +416,33 @@ def _publish(
         drift_reference=drift_reference(trained, onnx_path, published.calibration),
     )
     return repository.publish(name, onnx_path, metadata, activate=activate)
+
+
+def rebuild_drift_reference(
+    repository: ModelRepository, name: str, version: int, *, threads: int | None = None
+) -> DriftReference:
+    """The reference a published synthetic-data version would have got at publish time.
+
+    For versions published before drift monitoring existed: the world, the validation rows and
+    the missing-entity rate are drawn again from the metadata's dataset and training sections
+    (the same seeds give the same rows), and scored by the version's own model.onnx. Nothing is
+    retrained and model.onnx is untouched.
+    """
+    metadata = repository.read_metadata(name, version)
+    dataset, training = metadata.dataset or {}, metadata.training or {}
+    if dataset.get("kind") != "synthetic" or "config" not in dataset:
+        raise ValueError(f"{name} v{version} was not trained on the synthetic data set")
+    world = SyntheticWorld(SyntheticConfig(**dataset["config"]))
+    if world.checksum() != dataset.get("checksum"):
+        raise ValueError(f"{name} v{version}: the synthetic world no longer matches its checksum")
+    rows = build_rows(
+        world,
+        int(training["validation_rows"]),
+        int(training["seed"]) * 10 + 2,  # build_data's validation seed
+        float(training["missing_entity_rate"]),
+    )
+    logits = onnx_logits(
+        repository.model_path(name, version), rows.inputs, threads=threads or os.cpu_count() or 1
+    )
+    scores = metadata.calibration.apply(logits)
+    return build_reference(world.spec, rows.inputs.dense, rows.inputs.ids, scores)

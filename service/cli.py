@@ -1,5 +1,5 @@
 """The `adscore` command: serve, demo, train, learning-curve, load-features, batch-score,
-evaluate, export-features, models, keys.
+evaluate, export-features, reference, models, keys.
 
 Training and the synthetic data set are imported only by the commands that need them, so the
 serving install (no torch) runs every other command.
@@ -198,6 +198,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"published {metadata.name} version {metadata.version} ({metadata.architecture}) "
           f"to {folder}")  # fmt: skip
     _print_metrics(metadata.metrics, metadata.parity)
+    return 0
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from models.pipeline import rebuild_drift_reference
+    from service.repository import ModelRepository, RepositoryError
+
+    repository = ModelRepository(args.model_repository)
+    try:
+        version = args.version or repository.active_version(args.name)
+        metadata = repository.read_metadata(args.name, version)
+        reference = rebuild_drift_reference(repository, args.name, version, threads=args.threads)
+        repository.write_metadata(metadata.model_copy(update={"drift_reference": reference}))
+    except (RepositoryError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.name} v{version}: drift reference written from {reference.rows:,} validation rows"
+    )
     return 0
 
 
@@ -529,6 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default none)",
     )  # fmt: skip
     train.set_defaults(handler=cmd_train)
+
+    reference = commands.add_parser(
+        "reference",
+        help="add the drift reference to a version published without one (no retraining)",
+        description="Draws the version's synthetic validation rows again, scores them with its "
+        "own model.onnx and writes the drift reference into its metadata.json.",
+    )
+    reference.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    reference.add_argument("--name", default="pcvr", help="model name (default pcvr)")
+    reference.add_argument("--version", type=int, help="default: the active version")
+    reference.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    reference.set_defaults(handler=cmd_reference)
 
     curve = commands.add_parser(
         "learning-curve",

@@ -156,6 +156,17 @@ class ModelRepository:
         except ValidationError as exc:
             raise RepositoryError(f"{path}: invalid metadata: {exc}") from exc
 
+    def write_metadata(self, metadata: ModelMetadata) -> None:
+        """Replace a published version's metadata (atomically), e.g. to add a drift reference.
+        Refused if it would describe another file than the version's model.onnx."""
+        current = self.read_metadata(metadata.name, metadata.version)
+        if metadata.sha256 != current.sha256:
+            raise RepositoryError(
+                f"{metadata.name} v{metadata.version}: the new metadata names another model file"
+            )
+        path = self.version_dir(metadata.name, metadata.version) / METADATA_FILE
+        _write_atomically(path, metadata.model_dump_json(indent=2) + "\n")
+
     def model_path(self, name: str, version: int) -> Path:
         return self.version_dir(name, version) / MODEL_FILE
 

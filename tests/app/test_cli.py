@@ -34,6 +34,7 @@ ROOT = Path(__file__).parents[2]
         ["batch-score"],
         ["evaluate"],
         ["export-features"],
+        ["reference"],
         ["models"],
         ["models", "canary"],
         ["keys", "create"],
