@@ -143,3 +143,9 @@ def test_settings_are_frozen() -> None:
     updated = settings.model_copy(update={"port": 9000})
     assert updated.port == 9000
     assert settings.port == 8000
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    undocumented = [f for f in Settings.model_fields if f"ADSCORE_{f.upper()}" not in readme]
+    assert undocumented == [], f"add these to README, Configuration: {undocumented}"
