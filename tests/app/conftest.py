@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,8 +47,9 @@ def world_of(trained: TrainedFixture) -> SyntheticWorld:
     return world_for_model(metadata.dataset, metadata.spec().fingerprint())
 
 
-@pytest.fixture(scope="module")
-def service(trained: TrainedFixture) -> Iterator[RunningService]:
+@contextmanager
+def serving(trained: TrainedFixture, **overrides: Any) -> Iterator[RunningService]:
+    """The trained model served over HTTP (auth off) on a real Redis holding its world."""
     world = world_of(trained)
     with LocalRedisServer() as redis_server:
         load_features(redis_server.url, world)
@@ -54,8 +57,8 @@ def service(trained: TrainedFixture) -> Iterator[RunningService]:
             model_repository=trained.repository,
             redis_url=redis_server.url,
             max_candidates=512,
-            max_body_bytes=64 * 1024,
             auth_enabled=False,
+            **overrides,
         )
         server = LiveServer(create_app(settings))
         server.start()
@@ -63,6 +66,12 @@ def service(trained: TrainedFixture) -> Iterator[RunningService]:
             yield RunningService(server.url, settings, world, trained, redis_server)
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def service(trained: TrainedFixture) -> Iterator[RunningService]:
+    with serving(trained, max_body_bytes=64 * 1024) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

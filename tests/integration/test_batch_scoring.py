@@ -21,15 +21,12 @@ from batch_scoring.features import Entity, RedisFeatures
 from batch_scoring.reader import list_inputs
 from batch_scoring.runner import load_model, read_manifest, run_batch
 from batch_scoring.synthetic import request_table
-from feature_client.redis_server import LocalRedisServer
 from models.synthetic import SyntheticWorld
-from service.app import create_app
 from service.cli import main
 from service.repository import ModelRepository
-from service.settings import Settings
-from tests.app.conftest import load_features, world_of
+from tests.app.conftest import serving
 from tests.conftest import TrainedFixture
-from tests.fixtures import LiveServer, publish_variant
+from tests.fixtures import publish_variant
 
 pytestmark = pytest.mark.integration
 
@@ -45,21 +42,8 @@ class Online:
 @pytest.fixture(scope="module")
 def online(trained: TrainedFixture) -> Iterator[Online]:
     """The trained model served over HTTP on a real Redis with the world's features."""
-    world = world_of(trained)
-    with LocalRedisServer() as redis_server:
-        load_features(redis_server.url, world)
-        settings = Settings(
-            model_repository=trained.repository,
-            redis_url=redis_server.url,
-            max_candidates=512,
-            auth_enabled=False,
-        )
-        server = LiveServer(create_app(settings))
-        server.start()
-        try:
-            yield Online(server.url, redis_server.url, trained.repository, world)
-        finally:
-            server.stop()
+    with serving(trained) as running:
+        yield Online(running.url, running.redis.url, trained.repository, running.world)
 
 
 @pytest.fixture(scope="module")
