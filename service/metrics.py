@@ -259,10 +259,19 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.prediction_log_rows = Counter(
+            "adscore_prediction_log_rows",
+            "Candidate rows of sampled requests by what became of them in the prediction log: "
+            "written, dropped (queue full), failed (the sink raised), expired (retention).",
+            ["outcome"],
+            registry=registry,
+        )
         self.drift = DriftCollector()
         registry.register(self.drift)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        for outcome in ("written", "dropped", "failed", "expired"):
+            self.prediction_log_rows.labels(outcome)
         for entity in ("user", "ad"):
             self.missing_entities.labels(entity)
             self.rejected_feature_values.labels(entity)

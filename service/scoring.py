@@ -35,6 +35,7 @@ from service.circuit_breaker import CircuitBreaker
 from service.drift import DriftMonitor
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.metrics import Metrics
+from service.prediction_log import build_prediction_log
 from service.registry import LoadedModel
 from service.routing import Router
 from service.settings import Settings
@@ -113,6 +114,7 @@ class ScoringPipeline:
             min_rows=settings.drift_min_rows,
             dropped=metrics.drift_dropped,
         )
+        self.prediction_log = build_prediction_log(settings, metrics.prediction_log_rows)
         self._breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
             settings.breaker_open_seconds,
@@ -126,6 +128,8 @@ class ScoringPipeline:
     def close(self) -> None:
         self.batcher.close()
         self.drift.close()
+        if self.prediction_log is not None:
+            self.prediction_log.close()
 
     def deadline(self, timeout_ms: float | None) -> float:
         """When a request arriving now must be answered, in the event loop's clock."""
@@ -229,6 +233,11 @@ class ScoringPipeline:
             self.shadow.submit(shadow, shadow_inputs, scores)
         # A sample of requests, binned on the drift worker thread (O(1) here).
         self.drift.submit(model, inputs, scores, bool(user.found[0]), ads.found)
+        if self.prediction_log is not None:
+            self.prediction_log.submit(
+                model, route.role, request.request_id, request.tenant, request.user_id,
+                request.ad_ids, request.context, inputs, scores, degraded_reason is not None,
+            )  # fmt: skip
 
         def result(missing_user: bool, missing_ads: list[str], degraded: bool) -> ScoreResult:
             return ScoreResult(

@@ -52,6 +52,27 @@ class Settings(BaseSettings):
     """Buckets of the rolling window: it moves on by window_seconds / buckets at a time."""
     drift_min_rows: int = Field(1000, ge=1)
     """Rows a window needs before PSI is reported (fewer give noise, not signal)."""
+    prediction_log: Literal["off", "jsonl", "redis"] = "off"
+    """Log a sample of scored requests (ids, the model's exact input rows, scores) for training
+    and decay evaluation: to rotating JSON Lines files in prediction_log_dir, or to the Redis
+    stream {feature_namespace}:predictions."""
+    prediction_log_sample_rate: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of scoring requests logged when the prediction log is on."""
+    prediction_log_max_pending: int = Field(1024, ge=1)
+    """Sampled requests waiting to be written; past it they are dropped (and counted)."""
+    prediction_log_dir: Path = Path("prediction_log")
+    """Folder of the JSON Lines files (one writer per process; names carry host and pid)."""
+    prediction_log_max_file_bytes: int = Field(64 << 20, ge=1024)
+    """A log file is closed (renamed from .jsonl.open to .jsonl) once this large..."""
+    prediction_log_rotate_seconds: float = Field(3600.0, gt=0)
+    """...or once this old, so that closed files reach readers at least this often."""
+    prediction_log_max_files: int = Field(0, ge=0)
+    """Closed files this process keeps; older ones are deleted (and their rows counted as
+    expired). 0 keeps every file: ship them elsewhere, or mount a volume large enough."""
+    prediction_log_redis_url: str | None = None
+    """Redis of the prediction stream (default: redis_url, the feature store's)."""
+    prediction_log_stream_max_length: int = Field(1_000_000, ge=1)
+    """Entries the prediction stream keeps, about (approximate MAXLEN trimming)."""
     execution_provider: Literal["cpu", "cuda"] = "cpu"
     """onnxruntime execution provider; cuda falls back to cpu with a warning when unavailable."""
     cuda_tf32: bool = False
@@ -106,7 +127,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     """Larger request bodies are refused with 413."""
     max_id_length: int = Field(128, ge=1)
+    """Longest accepted user_id, ad_id, request_id or tenant."""
     max_in_flight: int = Field(16, ge=1)
     """Scoring requests a replica holds at once; beyond, it answers 503 with Retry-After at once
     instead of queueing (a late score is worth nothing to an auction)."""
-    """Longest accepted user_id, ad_id, request_id or tenant."""
