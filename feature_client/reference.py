@@ -2,7 +2,8 @@
 
 Stored in metadata.json so that the service can compare live traffic with what the model was
 validated on. Dense features and the score are cut into quantile bins, categorical features
-keep their top-k ids plus one "other" share, and each entity (user, ad) has a missing rate.
+keep their top-k ids plus one "other" share, each entity (user, ad) has a missing rate and each
+feature the share of rows that hold its missing-value stand-in (see `defaulted_counts`).
 numpy only: training writes these summaries and serving bins live rows with the same functions.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from feature_client.spec import UNKNOWN_ID, FeatureSource, FeatureSpec
 
@@ -59,6 +60,9 @@ class DriftReference(BaseModel):
     """In the spec's categorical input order."""
     missing_rate: dict[str, float]
     """Share of rows whose user (ad) features were missing and replaced by defaults."""
+    feature_missing_rate: dict[str, float] = Field(default_factory=dict)
+    """Feature name -> share of rows holding its missing-value stand-in (`defaulted_counts`);
+    empty in references written before it existed."""
     score: BinnedSummary
     mean_score: float
 
@@ -125,6 +129,30 @@ def missing_rows(
     return result
 
 
+def dense_defaults(spec: FeatureSpec) -> npt.NDArray[np.float32]:
+    """The value each dense input is replaced by when missing, in input order, as the model
+    reads it (float32)."""
+    return np.asarray([f.default for f in spec.dense()], dtype=np.float32)
+
+
+def defaulted_counts(
+    defaults: npt.NDArray[np.float32],
+    dense: npt.NDArray[np.floating],
+    ids: npt.NDArray[np.integer],
+) -> npt.NDArray[np.int64]:
+    """Rows per feature (dense inputs, then categorical ones) that count as missing.
+
+    A row's feature counts as missing when it holds the value a missing value is replaced by:
+    exactly the spec's default for a dense feature (compared in float32), the unknown id for a
+    categorical one. That covers missing entities, unseen categorical values and a pipeline
+    that writes defaults for one feature; a real value equal to the default counts too, which
+    the reference share measured the same way accounts for.
+    """
+    dense_defaulted = (np.asarray(dense, dtype=np.float32) == defaults).sum(axis=0)
+    ids_unknown = (ids == UNKNOWN_ID).sum(axis=0)
+    return np.concatenate([dense_defaulted, ids_unknown]).astype(np.int64)
+
+
 def build_reference(
     spec: FeatureSpec,
     dense: npt.NDArray[np.float32],
@@ -132,12 +160,20 @@ def build_reference(
     scores: npt.NDArray[np.float64],
 ) -> DriftReference:
     """Summarise validation inputs (laid out as the model reads them) and their scores."""
+    defaulted = defaulted_counts(dense_defaults(spec), dense, ids)
+    rows = max(len(dense), 1)
     return DriftReference(
         rows=len(dense),
         dense=[binned(name, dense[:, j]) for j, name in enumerate(spec.dense_names)],
         categorical=[top_ids(name, ids[:, j]) for j, name in enumerate(spec.categorical_names)],
         missing_rate={
             source: round(float(missing_rows(spec, ids, source).mean()), 6) for source in ENTITIES
+        },
+        feature_missing_rate={
+            name: round(float(count) / rows, 6)
+            for name, count in zip(
+                [*spec.dense_names, *spec.categorical_names], defaulted, strict=True
+            )
         },
         score=binned("score", scores),
         mean_score=float(scores.mean()),

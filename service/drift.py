@@ -3,8 +3,8 @@
 score() hands a sample of its requests to the DriftMonitor (one random draw and a put_nowait on
 a bounded queue: O(1) on the request's path, dropped and counted when full). A worker thread at
 a lower CPU priority bins the rows into rolling windows per version (a ring of fixed-duration
-buckets); PSI, missing rates and mean pCVR are computed from the window when read (scrape or
-GET /v1/models/{name}/drift).
+buckets); PSI, missing rates (per entity and per feature) and mean pCVR are computed from the
+window when read (scrape or GET /v1/models/{name}/drift).
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ import numpy.typing as npt
 from prometheus_client import Counter
 
 from feature_client.assembly import ModelInputs
-from feature_client.reference import ENTITIES, BinnedSummary, DriftReference, TopIdsSummary
+from feature_client.reference import (
+    ENTITIES,
+    BinnedSummary,
+    DriftReference,
+    TopIdsSummary,
+    defaulted_counts,
+    dense_defaults,
+)
+from feature_client.spec import FeatureSpec
 from service.model_manager import lower_thread_priority
 from service.registry import LoadedModel
 from service.routing import ServingPlan
@@ -61,6 +69,9 @@ class Tally:
     missing: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(2, dtype=np.int64))
     """Rows whose user, ad was missing."""
     score_sum: float = 0.0
+    defaulted: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Rows per feature (dense, then categorical) holding its missing-value stand-in
+    (`feature_client.reference.defaulted_counts`); counted with or without a reference."""
 
     @classmethod
     def of(
@@ -70,13 +81,16 @@ class Tally:
         scores: npt.NDArray[np.float64],
         user_found: bool,
         ads_found: npt.NDArray[np.bool_],
+        defaults: npt.NDArray[np.float32],
     ) -> Tally:
-        """Bin one request's rows (the worker thread's job, never the request's)."""
+        """Bin one request's rows (the worker thread's job, never the request's); `defaults` is
+        the version's dense default row (`feature_client.reference.dense_defaults`)."""
         n = len(scores)
         tally = cls(
             rows=n,
             missing=np.asarray([0 if user_found else n, n - int(ads_found.sum())]),
             score_sum=float(scores.sum()),
+            defaulted=defaulted_counts(defaults, inputs.dense, inputs.ids),
         )
         if reference is not None:
             tally.dense = [s.counts(inputs.dense[:, j]) for j, s in enumerate(reference.dense)]
@@ -92,12 +106,13 @@ class Tally:
         if other.rows == 0:
             return self
         return Tally(
-            self.rows + other.rows,
-            [a + b for a, b in zip(self.dense, other.dense, strict=True)],
-            [a + b for a, b in zip(self.categorical, other.categorical, strict=True)],
-            self.score + other.score,
-            self.missing + other.missing,
-            self.score_sum + other.score_sum,
+            rows=self.rows + other.rows,
+            dense=[a + b for a, b in zip(self.dense, other.dense, strict=True)],
+            categorical=[a + b for a, b in zip(self.categorical, other.categorical, strict=True)],
+            score=self.score + other.score,
+            missing=self.missing + other.missing,
+            score_sum=self.score_sum + other.score_sum,
+            defaulted=self.defaulted + other.defaulted,
         )
 
 
@@ -136,7 +151,8 @@ class RollingWindow:
 
 @dataclass(frozen=True)
 class VersionDrift:
-    """One version's live window against its reference; PSI is None below min_rows."""
+    """One version's live window against its reference; PSI is None below min_rows, rates are
+    None while the window has no rows."""
 
     model: str
     version: int
@@ -147,6 +163,9 @@ class VersionDrift:
     score_psi: float | None
     missing_rate: dict[str, float | None]
     mean_pcvr: float | None
+    feature_missing_rate: dict[str, float | None]
+    """Feature name -> share of rows holding its missing-value stand-in (a dense default, the
+    unknown id): one feature's pipeline serving defaults shows here, not in missing_rate."""
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -157,6 +176,7 @@ class VersionDrift:
             "feature_psi": self.feature_psi,
             "score_psi": self.score_psi,
             "missing_rate": self.missing_rate,
+            "feature_missing_rate": self.feature_missing_rate,
             "mean_pcvr": self.mean_pcvr,
         }
         if self.reference is None:
@@ -167,6 +187,7 @@ class VersionDrift:
             )
         else:
             body["reference_missing_rate"] = self.reference.missing_rate
+            body["reference_feature_missing_rate"] = self.reference.feature_missing_rate
             body["reference_mean_pcvr"] = self.reference.mean_score
         return body
 
@@ -188,6 +209,7 @@ def _version_drift(
         if enough:
             score_psi = round(psi(reference.score.shares, shares(tally.score)), 6)
     rows = tally.rows
+    features = [*model.spec.dense_names, *model.spec.categorical_names]
     return VersionDrift(
         model.name,
         model.version,
@@ -198,6 +220,9 @@ def _version_drift(
         score_psi,
         {e: float(tally.missing[i]) / rows if rows else None for i, e in enumerate(ENTITIES)},
         tally.score_sum / rows if rows else None,
+        feature_missing_rate={
+            f: float(tally.defaulted[i]) / rows if rows else None for i, f in enumerate(features)
+        },
     )
 
 
@@ -238,6 +263,9 @@ class DriftMonitor:
         self._clock = clock
         self._queue: queue.Queue[Sample | None] = queue.Queue(max_pending)
         self._windows: dict[Key, RollingWindow] = {}
+        # Dense default row per version, with the spec it was built from: built once, not per
+        # sample, and rebuilt if the version is reloaded with another spec object.
+        self._defaults: dict[Key, tuple[FeatureSpec, npt.NDArray[np.float32]]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -270,6 +298,17 @@ class DriftMonitor:
             finally:
                 self._queue.task_done()
 
+    def _dense_defaults(self, model: LoadedModel) -> npt.NDArray[np.float32]:
+        key = (model.name, model.version)
+        with self._lock:
+            cached = self._defaults.get(key)
+        if cached is not None and cached[0] is model.spec:
+            return cached[1]
+        defaults = dense_defaults(model.spec)
+        with self._lock:
+            self._defaults[key] = (model.spec, defaults)
+        return defaults
+
     def record(self, sample: Sample) -> None:
         model = sample.model
         tally = Tally.of(
@@ -278,6 +317,7 @@ class DriftMonitor:
             sample.scores,
             sample.user_found,
             sample.ads_found,
+            self._dense_defaults(model),
         )
         key = (model.name, model.version)
         with self._lock:
@@ -293,6 +333,7 @@ class DriftMonitor:
         keys = {(m.name, m.version) for m in models}
         with self._lock:
             self._windows = {k: w for k, w in self._windows.items() if k in keys}
+            self._defaults = {k: d for k, d in self._defaults.items() if k in keys}
             totals = {k: w.total() for k, w in self._windows.items()}
         return [
             _version_drift(

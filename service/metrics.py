@@ -61,6 +61,17 @@ class DriftCollector(Collector):
                 labels=["model", "version", "entity"],
             ),
             GaugeMetricFamily(
+                "adscore_feature_default_rate",
+                "Share of sampled rows where a feature holds its missing-value stand-in "
+                "(its default, or the unknown id).",
+                labels=["model", "version", "feature"],
+            ),
+            GaugeMetricFamily(
+                "adscore_feature_default_rate_reference",
+                "The same share on the training reference's validation rows.",
+                labels=["model", "version", "feature"],
+            ),
+            GaugeMetricFamily(
                 "adscore_mean_predicted_pcvr",
                 "Mean calibrated pCVR of the sampled rows in the drift window.",
                 labels=["model", "version"],
@@ -73,7 +84,9 @@ class DriftCollector(Collector):
         ]
 
     def collect(self) -> Iterator[Metric]:
-        features, score, missing, mean, rows = families = self._families()
+        features, score, missing, defaulted, defaulted_reference, mean, rows = families = (
+            self._families()
+        )
         for drift in self.source():
             labels = [drift.model, str(drift.version)]
             rows.add_metric(labels, drift.rows)
@@ -85,6 +98,12 @@ class DriftCollector(Collector):
             for entity, rate in drift.missing_rate.items():
                 if rate is not None:
                     missing.add_metric([*labels, entity], rate)
+            for name, rate in drift.feature_missing_rate.items():
+                if rate is not None:
+                    defaulted.add_metric([*labels, name], rate)
+            if drift.reference is not None:
+                for name, rate in drift.reference.feature_missing_rate.items():
+                    defaulted_reference.add_metric([*labels, name], rate)
             if drift.mean_pcvr is not None:
                 mean.add_metric(labels, drift.mean_pcvr)
         return iter(families)

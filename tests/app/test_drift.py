@@ -1,8 +1,10 @@
 """Drift over real HTTP: traffic like the validation rows keeps PSI near zero, shifted traffic
-raises it, on /metrics and on GET /v1/models/{name}/drift."""
+raises it, a feature served on its default raises its default rate, on /metrics and on
+GET /v1/models/{name}/drift."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator
@@ -10,8 +12,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import pytest
 
+from feature_client.loader import EntityBatch, load_arrays
+from feature_client.redis_store import RedisFeatureStore
 from models.synthetic import DEVICES, PLACEMENTS, SyntheticWorld
 from service.app import create_app
 from service.settings import Settings
@@ -140,3 +145,57 @@ def test_drift_of_an_unknown_model_is_404(drift_server: str) -> None:
     response = httpx.get(f"{drift_server}/v1/models/nope/drift")
     assert response.status_code == 404
     assert "not loaded" in response.json()["error"]["message"]
+
+
+def write_ad_features(
+    redis_url: str, world: SyntheticWorld, dense: npt.NDArray[np.float32]
+) -> None:
+    """Store every ad of the world again, with these dense features."""
+
+    async def write() -> None:
+        store = RedisFeatureStore.from_url(redis_url, "adscore", 5.0)
+        batch = EntityBatch(world.ads.keys, dense, world.ads.ids)
+        await load_arrays(store, world.spec, "ad", batch, progress=False)
+        await store.close()
+
+    asyncio.run(write())
+
+
+def test_a_feature_served_on_its_default_raises_its_default_rate_alone(
+    drift_server: str, feature_redis: str, trained: TrainedFixture
+) -> None:
+    world = world_of(trained)
+    broken_feature = "ad_quality"
+    column = [f.name for f in world.spec.dense("ad")].index(broken_feature)
+    broken = world.ads.dense.copy()
+    broken[:, column] = world.spec.dense_defaults("ad")[column]
+    # The window holds the rows of earlier tests too: the rates of this traffic are the change.
+    (before,) = httpx.get(f"{drift_server}/v1/models/pcvr/drift").json()["versions"]
+    write_ad_features(feature_redis, world, broken)
+    try:
+        rows = send(drift_server, requests_like_validation(world, 300, seed=79))
+        after = drift_once_binned(drift_server, before["window_rows"] + rows)
+    finally:
+        write_ad_features(feature_redis, world, world.ads.dense)
+
+    def defaulted_rows(version: dict[str, Any], feature: str) -> int:
+        rate: float = version["feature_missing_rate"][feature] or 0.0  # None: an empty window
+        window_rows: int = version["window_rows"]
+        return round(rate * window_rows)
+
+    def rate_of_this_traffic(feature: str) -> float:
+        return (defaulted_rows(after, feature) - defaulted_rows(before, feature)) / rows
+
+    reference = after["reference_feature_missing_rate"]
+    assert set(reference) == set(world.spec.dense_names + world.spec.categorical_names)
+    assert reference[broken_feature] < 0.05
+    assert rate_of_this_traffic(broken_feature) == 1.0  # every row, unknown ads included
+    for feature, expected in reference.items():
+        if feature != broken_feature:
+            assert abs(rate_of_this_traffic(feature) - expected) < 0.05, feature
+    live = gauge(drift_server, "adscore_feature_default_rate", feature=broken_feature)
+    assert live == pytest.approx(after["feature_missing_rate"][broken_feature])
+    assert live > reference[broken_feature] + 0.05
+    assert gauge(
+        drift_server, "adscore_feature_default_rate_reference", feature=broken_feature
+    ) == pytest.approx(reference[broken_feature])

@@ -40,6 +40,8 @@ def test_the_rebuilt_reference_equals_the_one_written_at_publish(
     assert rebuilt is not None
     assert rebuilt.rows == original.drift_reference.rows
     assert rebuilt.missing_rate == original.drift_reference.missing_rate
+    assert rebuilt.feature_missing_rate == original.drift_reference.feature_missing_rate
+    assert rebuilt.feature_missing_rate  # the rates were written at publish time
     expected, got = original.drift_reference.model_dump(), rebuilt.model_dump()
     for want, have in zip(expected["dense"], got["dense"], strict=True):
         assert have["name"] == want["name"]

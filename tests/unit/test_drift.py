@@ -1,4 +1,5 @@
-"""Drift math and bookkeeping: PSI, reference bins, rolling windows, the bounded sample queue."""
+"""Drift math and bookkeeping: PSI, reference bins, missing-value rates, rolling windows, the
+bounded sample queue."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from feature_client.assembly import ModelInputs
 from feature_client.reference import (
+    DriftReference,
     bin_counts,
     build_reference,
+    defaulted_counts,
+    dense_defaults,
     id_counts,
     missing_rows,
     quantile_edges,
 )
+from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
 from service.drift import DriftMonitor, RollingWindow, Tally, VersionDrift, psi
 from service.metrics import Metrics
 from service.registry import LoadedModel
@@ -77,6 +82,60 @@ def test_the_reference_summarises_every_feature_and_the_missing_rate() -> None:
     assert missing_rows(model.spec, inputs.ids, "user").sum() == 200
 
 
+def _defaults_spec() -> FeatureSpec:
+    """0.1 is not exact in float32: a comparison made in float64 would never match it."""
+    return FeatureSpec(
+        schema_version=1,
+        features=(
+            CategoricalFeature("user_id", "user", hash_buckets=64),
+            DenseFeature("user_activity", "user", default=0.1),
+            DenseFeature("ad_price", "ad", default=2.0),
+            CategoricalFeature("device", "context", vocabulary=("ios", "android")),
+        ),
+    )
+
+
+def _ten_rows() -> ModelInputs:
+    """user_activity on its default in 3 of 10 rows (two of them missing users), ad_price in 1,
+    device unknown in 2: a value next to the default is not the default."""
+    activity = np.asarray([0.1, 0.1, 0.1, 0.3, 0.7, 0.1000001, 1, 2, 3, 4], dtype=np.float32)
+    price = np.asarray([2.0, 2.0000002, 1, 1, 1, 1, 1, 1, 1, 1], dtype=np.float32)
+    user_ids = [0, 0, 5, 6, 7, 8, 9, 10, 11, 12]
+    devices = [1, 2, 0, 1, 2, 1, 2, 0, 1, 2]
+    return ModelInputs(
+        np.column_stack([activity, price]), np.column_stack([user_ids, devices]).astype(np.int64)
+    )
+
+
+def test_the_reference_has_each_features_share_of_rows_on_its_missing_value_stand_in() -> None:
+    spec = _defaults_spec()
+    inputs = _ten_rows()
+    reference = build_reference(spec, inputs.dense, inputs.ids, np.full(10, 0.02))
+    assert reference.feature_missing_rate == {
+        "user_activity": 0.3,
+        "ad_price": 0.1,
+        "user_id": 0.2,
+        "device": 0.2,
+    }
+    assert reference.missing_rate == {"user": 0.2, "ad": 0.0}
+    # metadata.json written before per-feature rates existed still loads, with none.
+    old = reference.model_dump(exclude={"feature_missing_rate"})
+    assert DriftReference.model_validate(old).feature_missing_rate == {}
+
+
+def test_a_tally_counts_defaulted_rows_per_feature_and_merges_them() -> None:
+    spec = _defaults_spec()
+    inputs = _ten_rows()
+    defaults = dense_defaults(spec)
+    assert defaults.dtype == np.float32 and defaults.tolist() == [np.float32(0.1), 2.0]
+    assert defaulted_counts(defaults, inputs.dense, inputs.ids).tolist() == [3, 1, 2, 2]
+    scores = np.full(10, 0.02)
+    one = Tally.of(None, inputs, scores, True, np.ones(10, dtype=np.bool_), defaults)
+    assert (one.rows, one.defaulted.tolist()) == (10, [3, 1, 2, 2])
+    assert one.merge(one).defaulted.tolist() == [6, 2, 4, 4]
+    assert Tally().merge(one).defaulted.tolist() == [3, 1, 2, 2]
+
+
 def _monitor(metrics: Metrics, max_pending: int = 8, min_rows: int = 1) -> DriftMonitor:
     return DriftMonitor(
         sample_rate=1.0,
@@ -118,6 +177,46 @@ def test_psi_stays_near_zero_on_the_reference_distribution_and_rises_on_a_shift(
     too_few = _drift_of(model, _inputs(rng, 50), min_rows=100)
     assert too_few.rows == 50 and too_few.score_psi is None
     assert set(too_few.feature_psi.values()) == {None}
+
+
+def test_live_default_rates_show_one_feature_served_on_its_default() -> None:
+    model, _ = _model()
+    reference = model.metadata.drift_reference
+    assert reference is not None
+    # _inputs blanks every id of 1 % of rows; dense values are drawn, never exactly a default.
+    assert reference.feature_missing_rate == {
+        "user_activity": 0.0,
+        "ad_price": 0.0,
+        "user_id": 0.01,
+        "ad_id": 0.01,
+        "device": 0.01,
+        "hour": 0.01,
+    }
+    inputs = _inputs(np.random.default_rng(3), 1000)
+    inputs.dense[100:400, 1] = 2.0  # the ad_price pipeline serves its default to 30 % of rows
+    drift = _drift_of(model, inputs)
+    assert drift.feature_missing_rate == {
+        "user_activity": 0.0,
+        "ad_price": 0.3,
+        "user_id": 0.01,
+        "ad_id": 0.01,
+        "device": 0.01,
+        "hour": 0.01,
+    }
+    body = drift.to_json()
+    assert body["feature_missing_rate"]["ad_price"] == 0.3
+    assert body["reference_feature_missing_rate"] == reference.feature_missing_rate
+
+    # Without a reference the rates are still counted, from the spec's defaults.
+    bare = LoadedModel.assemble(metadata_for(model.spec), LinearRuntime())
+    body = _drift_of(bare, inputs).to_json()
+    assert body["feature_missing_rate"]["ad_price"] == 0.3
+    assert "reference_feature_missing_rate" not in body
+    # An empty window has no rate yet.
+    monitor = _monitor(Metrics(CollectorRegistry()))
+    (empty,) = monitor.table([model])
+    assert set(empty.feature_missing_rate) == set(reference.feature_missing_rate)
+    assert set(empty.feature_missing_rate.values()) == {None}
 
 
 def test_rolling_window_forgets_buckets_older_than_the_window() -> None:
@@ -168,7 +267,24 @@ def test_drift_gauges_are_exported_for_the_versions_given() -> None:
     assert 'adscore_score_psi{model="pcvr",version="1"}' in text
     assert 'adscore_feature_missing_rate{entity="user",model="pcvr",version="1"} 0.0' in text
     assert 'adscore_drift_window_rows{model="pcvr",version="1"} 2000.0' in text
+    assert 'adscore_feature_default_rate{feature="ad_id",model="pcvr",version="1"} 0.01' in text
+    assert 'adscore_feature_default_rate{feature="ad_price",model="pcvr",version="1"} 0.0' in text
+    assert (
+        'adscore_feature_default_rate_reference{feature="ad_id",model="pcvr",version="1"} 0.01'
+        in text
+    )
     # A version no longer served: its window and its labels go.
     metrics.drift.source = lambda: monitor.table([])
-    assert "adscore_feature_psi{" not in generate_latest(metrics.registry).decode()
+    text = generate_latest(metrics.registry).decode()
+    assert "adscore_feature_psi{" not in text
+    assert "adscore_feature_default_rate{" not in text
+    assert "adscore_feature_default_rate_reference{" not in text
+    # A version without a reference: live rates, no reference gauge.
+    bare = LoadedModel.assemble(metadata_for(model.spec, version=2), LinearRuntime())
+    monitor.submit(bare, inputs, scores, True, np.ones(len(scores), dtype=np.bool_))
+    assert monitor.wait_idle(10)
+    metrics.drift.source = lambda: monitor.table([bare])
+    text = generate_latest(metrics.registry).decode()
+    assert 'adscore_feature_default_rate{feature="ad_id",model="pcvr",version="2"} 0.01' in text
+    assert "adscore_feature_default_rate_reference{" not in text
     monitor.close()
