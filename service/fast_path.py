@@ -99,7 +99,9 @@ async def score_response(app_state: State, scope: Scope, receive: Receive) -> Re
         settings = state.settings
         with state.admission.admit():  # sheds with 503 before the body is even read
             body = await read_body(receive, headers, settings.max_body_bytes)
-            limits = RequestLimits(settings.max_candidates, settings.max_id_length)
+            limits = RequestLimits(
+                settings.max_candidates, settings.max_id_length, settings.max_explain_candidates
+            )
             request = parse_score_request(body, limits)
             caller.require_tenant(request.tenant)
             result = await state.pipeline.score(request)

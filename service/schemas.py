@@ -16,6 +16,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import InvalidRequest, PayloadTooLarge
+from service.explain import MAX_TOP_K
 from service.scoring import ScoreRequest
 
 MAX_TIMEOUT_MS = 60_000
@@ -67,11 +68,37 @@ class ScoreRequestBody(BaseModel):
         description="The request's budget in ms (default: the service's request_timeout_ms). "
         "Past it the request is refused with 503 deadline_exceeded rather than answered late.",
     )
+    explain: bool = Field(
+        False,
+        description="Also return, per candidate, the features that moved its score most "
+        "(occlusion: the score minus the score with the feature replaced by its default). "
+        "At most max_explain_candidates (64) candidates.",
+    )
+    explain_top_k: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOP_K,
+        description="Features listed per candidate when explaining (default: the service's "
+        "explain_top_k, 5).",
+    )
 
 
 class MissingEntities(BaseModel):
     user: bool = Field(description="The user had no stored features; defaults were used.")
     ads: list[str] = Field(description="Candidate ads with no stored features.")
+
+
+class Contribution(BaseModel):
+    feature: str
+    contribution: float = Field(
+        description="The candidate's score minus its score with this feature replaced by its "
+        "default (dense) or the unknown id (categorical)."
+    )
+
+
+class CandidateExplanation(BaseModel):
+    ad_id: str
+    contributions: list[Contribution] = Field(description="Largest |contribution| first.")
 
 
 class ScoreResponseBody(BaseModel):
@@ -83,6 +110,9 @@ class ScoreResponseBody(BaseModel):
     scores: list[float]
     missing: MissingEntities
     degraded: bool = Field(description="The feature store failed; every score used defaults.")
+    explanations: list[CandidateExplanation] | None = Field(
+        None, description='With "explain": true only; explanations[i] is of candidates[i].'
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -98,6 +128,7 @@ class ErrorBody(BaseModel):
 class RequestLimits:
     max_candidates: int
     max_id_length: int
+    max_explain_candidates: int = 64
 
 
 def _identifier(data: dict[str, Any], field: str, limits: RequestLimits, required: bool) -> Any:
@@ -172,6 +203,24 @@ def _timeout_ms(value: Any) -> float | None:
     return float(value)
 
 
+def _explain(
+    data: dict[str, Any], candidates: int, limits: RequestLimits
+) -> tuple[bool, int | None]:
+    explain, top_k = data.get("explain", False), data.get("explain_top_k")
+    if not isinstance(explain, bool):
+        raise InvalidRequest(f"explain: expected true or false, got {explain!r}")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K
+    ):
+        raise InvalidRequest(f"explain_top_k: expected an integer in [1, {MAX_TOP_K}]")
+    if explain and candidates > limits.max_explain_candidates:
+        raise PayloadTooLarge(
+            f"candidates: {candidates} candidates to explain, the limit with explain is "
+            f"{limits.max_explain_candidates}"
+        )
+    return explain, top_k
+
+
 def parse_score_request(body: bytes, limits: RequestLimits) -> ScoreRequest:
     """Validate a raw POST /v1/score body; raises InvalidRequest or PayloadTooLarge."""
     try:
@@ -180,13 +229,17 @@ def parse_score_request(body: bytes, limits: RequestLimits) -> ScoreRequest:
         raise InvalidRequest(f"body: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body: expected a JSON object")
+    ad_ids = _candidate_ids(data.get("candidates"), limits)
+    explain, explain_top_k = _explain(data, len(ad_ids), limits)
     return ScoreRequest(
         user_id=_identifier(data, "user_id", limits, required=True),
-        ad_ids=_candidate_ids(data.get("candidates"), limits),
+        ad_ids=ad_ids,
         context=_context(data.get("context")),
         request_id=_identifier(data, "request_id", limits, required=False),
         tenant=_identifier(data, "tenant", limits, required=False),
         timeout_ms=_timeout_ms(data.get("timeout_ms")),
+        explain=explain,
+        explain_top_k=explain_top_k,
     )
 
 

@@ -34,6 +34,7 @@ from service.batcher import BatchingPolicy, MicroBatcher
 from service.circuit_breaker import CircuitBreaker
 from service.drift import DriftMonitor
 from service.errors import FeaturesUnavailable, InvalidRequest
+from service.explain import CandidateExplanation, contributions, occlude, top_contributions
 from service.metrics import Metrics
 from service.prediction_log import build_prediction_log
 from service.registry import LoadedModel
@@ -58,6 +59,8 @@ class ScoreRequest:
     request_id: str | None = None
     tenant: str | None = None
     timeout_ms: float | None = None
+    explain: bool = False
+    explain_top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,10 @@ class ScoreResult:
     missing_user: bool
     missing_ads: list[str]
     degraded: bool
+    explanations: list[CandidateExplanation] | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {
+        body: dict[str, object] = {
             "request_id": self.request_id,
             "model": self.model,
             "model_version": self.model_version,
@@ -82,6 +86,9 @@ class ScoreResult:
             "missing": {"user": self.missing_user, "ads": self.missing_ads},
             "degraded": self.degraded,
         }
+        if self.explanations is not None:
+            body["explanations"] = self.explanations
+        return body
 
 
 class ScoringPipeline:
@@ -215,8 +222,17 @@ class ScoringPipeline:
         assembled = time.perf_counter()
         self._assembly_seconds.observe(assembled - fetched + context_done - started)
 
-        logits = await self.batcher.predict(model.runtime, inputs, deadline)
-        scores = model.calibration.apply(logits)
+        explanations = None
+        if request.explain:
+            # The request's rows and their occluded copies share one model call.
+            occlusion = occlude(model.spec, inputs)
+            logits = await self.batcher.predict(model.runtime, occlusion.inputs, deadline)
+            scores, table = contributions(model.calibration.apply(logits), len(inputs))
+            top_k = request.explain_top_k or self._settings.explain_top_k
+            explanations = top_contributions(occlusion.features, request.ad_ids, table, top_k)
+        else:
+            logits = await self.batcher.predict(model.runtime, inputs, deadline)
+            scores = model.calibration.apply(logits)
         self._inference_seconds.observe(time.perf_counter() - assembled)
 
         n = len(request.ad_ids)
@@ -249,6 +265,7 @@ class ScoringPipeline:
                 missing_user,
                 missing_ads,
                 degraded,
+                explanations,
             )
 
         if degraded_reason is not None:

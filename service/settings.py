@@ -124,6 +124,11 @@ class Settings(BaseSettings):
 
     max_candidates: int = Field(1024, ge=1)
     """More candidates in one request are refused with 413."""
+    max_explain_candidates: int = Field(64, ge=1)
+    """Candidates of a request with "explain": true, at most (413 beyond): explaining costs one
+    model row per feature per candidate."""
+    explain_top_k: int = Field(5, ge=1, le=64)
+    """Features listed per candidate when a request asks for explanations without explain_top_k."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
     """Larger request bodies are refused with 413."""
     max_id_length: int = Field(128, ge=1)

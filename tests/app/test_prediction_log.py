@@ -137,7 +137,7 @@ def test_the_log_can_go_to_a_redis_stream(trained: TrainedFixture) -> None:
         rows = sum(len(b["candidates"]) for b in requests)
         assert accounted(service.url, rows)["written"] == rows
         client = redis.Redis.from_url(service.redis.url)
-        entries = client.xrange("adscore:predictions")
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange("adscore:predictions")  # type: ignore[assignment]
         client.close()
     records = [PredictionRecord.decode(fields[STREAM_FIELD.encode()]) for _, fields in entries]
     assert {r.request_id: r.scores.tolist() for r in records} == answered
