@@ -1,5 +1,12 @@
 """The Redis feature store: a request's user and candidate ads in one MGET, shared with the
-concurrent requests (coalescing.py)."""
+concurrent requests (coalescing.py).
+
+The MGET bypasses redis-py's command layer: Redis.execute_command wraps every call in retry,
+observability and special-command hooks, and pack_command frames arguments one by one. Here
+the command is framed in one join and sent on a pooled connection. Measured on 257-key MGETs
+against a local redis-server, client CPU went from ~185 µs to ~76 µs per read (about 8 % of
+a 256-candidate request's CPU); replies are still parsed by hiredis.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from feature_client.coalescing import CoalescingReader
+from feature_client.resp import pack_mget
 from feature_client.store import FeatureStoreUnavailable, KeyLayout, RawFeatures, SchemaStamp
 
 WRITE_CHUNK = 2_000
@@ -46,10 +54,23 @@ class RedisFeatureStore:
         return cls(client, namespace, reads_in_flight)
 
     async def _mget(self, names: list[str]) -> list[bytes | None]:
+        pool = self._client.connection_pool
         try:
-            return cast(list[bytes | None], await self._client.mget(names))
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
             raise FeatureStoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        try:
+            await connection.send_packed_command(pack_mget(names))
+            return cast(list[bytes | None], await connection.read_response())
+        except BaseException as exc:
+            # Whatever broke the exchange (a reset, a timeout, a cancellation mid-reply), the
+            # connection may hold half a reply: it must not go back to the pool as it is.
+            await connection.disconnect()
+            if isinstance(exc, (RedisError, OSError)):
+                raise FeatureStoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            await pool.release(connection)
 
     async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
         """One request's vectors, read in an MGET shared with the concurrent requests."""
