@@ -62,7 +62,8 @@ def _dataset(path: Path, what: str) -> pads.Dataset:
         raise BatchInputError(f"{path}: cannot read the {what}: {exc}") from exc
 
 
-def _read(path: Path, what: str, columns: list[str]) -> pa.Table:
+def read_columns(path: Path, what: str, columns: list[str]) -> pa.Table:
+    """`columns` of a Parquet/CSV file or folder; BatchInputError names what is missing."""
     dataset = _dataset(path, what)
     absent = [c for c in columns if c not in dataset.schema.names]
     if absent:
@@ -82,20 +83,16 @@ def read_scored(
     """model, model_version, score and the label of every scored row that has one."""
     score_columns = ["model", "model_version", "score"]
     if labels is None:
-        tables = [_read(p, "scores", [*score_columns, label_column]) for p in scores]
+        tables = [read_columns(p, "scores", [*score_columns, label_column]) for p in scores]
         return pa.concat_tables(tables, promote_options="permissive")
     if not on:
         raise BatchInputError("--on: name the key column(s) that join scores with labels")
     if label_column in on:
         raise BatchInputError(f"--on: the label column {label_column!r} cannot be a join key")
-    tables = [_read(p, "scores", [*score_columns, *on]) for p in scores]
+    tables = [read_columns(p, "scores", [*score_columns, *on]) for p in scores]
     scored = pa.concat_tables(tables, promote_options="permissive")
-    outcomes = _read(labels, "labels", [*on, label_column])
-    distinct = outcomes.group_by(list(on)).aggregate([]).num_rows
-    if distinct != outcomes.num_rows:
-        raise BatchInputError(
-            f"{labels}: {outcomes.num_rows - distinct} duplicate key(s) on {', '.join(on)}"
-        )
+    outcomes = read_columns(labels, "labels", [*on, label_column])
+    refuse_duplicate_keys(outcomes, on, labels)
     try:
         joined = scored.join(outcomes, keys=list(on), join_type="inner")
     except pa.ArrowException as exc:
@@ -103,7 +100,17 @@ def read_scored(
     return joined.select([*score_columns, label_column])
 
 
-def _labels(table: pa.Table, label_column: str) -> npt.NDArray[np.float64]:
+def refuse_duplicate_keys(table: pa.Table, on: Sequence[str], path: Path) -> None:
+    """A label file must give each key one outcome: a duplicate would count a row twice."""
+    distinct = table.group_by(list(on)).aggregate([]).num_rows
+    if distinct != table.num_rows:
+        raise BatchInputError(
+            f"{path}: {table.num_rows - distinct} duplicate key(s) on {', '.join(on)}"
+        )
+
+
+def label_array(table: pa.Table, label_column: str) -> npt.NDArray[np.float64]:
+    """The 0/1 label column as floats; BatchInputError for anything else (or a null)."""
     try:
         values = pc.cast(table.column(label_column), pa.float64()).to_numpy(zero_copy_only=False)
     except pa.ArrowException as exc:
@@ -128,7 +135,7 @@ def reliability_table(
 
 def evaluate(table: pa.Table, label_column: str, bins: int = 10) -> list[VersionReport]:
     """One report per (model, version) present in `table`, in name and version order."""
-    labels = _labels(table, label_column)
+    labels = label_array(table, label_column)
     scores = table.column("score").to_numpy(zero_copy_only=False)
     models = np.asarray(table.column("model").to_pylist(), dtype=object)
     versions = table.column("model_version").to_numpy(zero_copy_only=False)

@@ -1,6 +1,7 @@
 """`adscore train` end to end: data, baseline, DCN-v2, calibration, evaluation, export, publish.
 
-synthetic world -> train / validation / calibration / test splits
+synthetic world (or the prediction log, models/log_data.py) -> train / validation / calibration
+/ test splits
 -> logistic regression and DCN-v2, early-stopped on validation
 -> Platt calibration on the calibration split -> metrics on the test split
 -> ONNX export -> parity check -> (int8: quantize, recalibrate, re-evaluate)
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +27,7 @@ from torch import nn
 
 from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, assemble_inputs
 from feature_client.reference import DriftReference, build_reference
+from feature_client.spec import FeatureSpec
 from models.calibration import fit_platt
 from models.dcn import DCNConfig, DCNv2, LogisticRegression
 from models.evaluation import expected_calibration_error, log_loss, roc_auc
@@ -73,9 +76,12 @@ class TrainingPlan:
 
 @dataclass
 class TrainingData:
-    """The world and its four splits; models trained on the same data share one of these."""
+    """Four splits of one data set; models trained on the same data share one of these."""
 
-    world: SyntheticWorld
+    spec: FeatureSpec
+    """The feature spec the rows are encoded with: the published version's."""
+    dataset: dict[str, Any]
+    """Where the rows come from: the `dataset` section of the published metadata."""
     train: LabelledRows
     validation: LabelledRows
     calibration_rows: LabelledRows
@@ -89,7 +95,8 @@ class TrainedModel:
     """A trained, calibrated and evaluated model, not yet exported."""
 
     plan: TrainingPlan
-    world: SyntheticWorld
+    spec: FeatureSpec
+    dataset: dict[str, Any]
     model: nn.Module
     calibration: Calibration
     test: LabelledRows
@@ -132,7 +139,8 @@ def build_data(plan: TrainingPlan) -> TrainingData:
     offset = plan.seed * 10
     rate = plan.missing_entity_rate
     return TrainingData(
-        world,
+        world.spec,
+        {"kind": "synthetic", "config": plan.world.to_dict(), "checksum": world.checksum()},
         train=build_rows(world, plan.rows, offset + 1, rate),
         validation=build_rows(world, plan.validation_rows, offset + 2, rate),
         calibration_rows=build_rows(world, plan.calibration_rows, offset + 3, rate),
@@ -161,18 +169,19 @@ def held_out_metrics(
     calibration: Calibration,
     baseline_probabilities: npt.NDArray[np.float64],
 ) -> dict[str, float]:
-    """Quality on the test rows of a model's log-odds, beside the baseline's and the oracle's."""
-    assert test.true_probabilities is not None
+    """Quality on the test rows of a model's log-odds, beside the baseline's and, when the true
+    probabilities are known (synthetic data, not logged traffic), the oracle's."""
     y = test.labels
     metrics = model_metrics(test, logits, calibration) | {
         "baseline_auc": roc_auc(y, baseline_probabilities),
         "baseline_log_loss": log_loss(y, baseline_probabilities),
-        "oracle_auc": roc_auc(y, test.true_probabilities),
-        "oracle_log_loss": log_loss(y, test.true_probabilities),
-        "base_rate": float(y.mean()),
-        "test_rows": float(len(test)),
     }
-    metrics["gap_to_oracle_auc"] = metrics["oracle_auc"] - metrics["auc"]
+    if test.true_probabilities is not None:
+        metrics["oracle_auc"] = roc_auc(y, test.true_probabilities)
+        metrics["oracle_log_loss"] = log_loss(y, test.true_probabilities)
+    metrics |= {"base_rate": float(y.mean()), "test_rows": float(len(test))}
+    if "oracle_auc" in metrics:
+        metrics["gap_to_oracle_auc"] = metrics["oracle_auc"] - metrics["auc"]
     metrics["lift_over_baseline_auc"] = metrics["auc"] - metrics["baseline_auc"]
     return metrics
 
@@ -191,7 +200,7 @@ def run_training(
     train, validation = data.train, data.validation
     dense_mean = train.inputs.dense.mean(axis=0)
     dense_std = train.inputs.dense.std(axis=0)
-    cardinalities = data.world.spec.cardinalities
+    cardinalities = data.spec.cardinalities
 
     # Both are built before either is fitted (fitting draws from its own generator), so the
     # DCN-v2 starts from the same weights whether or not the baseline is reused.
@@ -221,7 +230,8 @@ def run_training(
     )
     return TrainedModel(
         plan,
-        data.world,
+        data.spec,
+        data.dataset,
         model,
         calibration,
         data.test,
@@ -251,7 +261,7 @@ def drift_reference(
     rows = trained.validation or trained.calibration_rows
     threads = trained.plan.threads or os.cpu_count() or 1
     scores = calibration.apply(onnx_logits(onnx_path, rows.inputs, threads=threads))
-    return build_reference(trained.world.spec, rows.inputs.dense, rows.inputs.ids, scores)
+    return build_reference(trained.spec, rows.inputs.dense, rows.inputs.ids, scores)
 
 
 @dataclass(frozen=True)
@@ -276,8 +286,9 @@ def _quantized(trained: TrainedModel, fp32_path: Path, int8_path: Path) -> Publi
     int8_p = calibration.apply(int8_logits)
     difference = np.abs(int8_p - trained.calibration.apply(fp32_logits))
     metrics = trained.metrics | model_metrics(test, int8_logits, calibration)
+    if "oracle_auc" in trained.metrics:
+        metrics["gap_to_oracle_auc"] = trained.metrics["oracle_auc"] - metrics["auc"]
     metrics |= {
-        "gap_to_oracle_auc": trained.metrics["oracle_auc"] - metrics["auc"],
         "lift_over_baseline_auc": metrics["auc"] - trained.metrics["baseline_auc"],
         "fp32_auc": trained.metrics["auc"],
         "fp32_log_loss": trained.metrics["log_loss"],
@@ -368,7 +379,7 @@ def _publish(
     quantization: str,
     activate: bool,
 ) -> ModelMetadata:
-    spec = trained.world.spec
+    spec = trained.spec
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inputs, outputs = signature(len(spec.dense_names), len(spec.categorical_names))
     plan = trained.plan
@@ -408,11 +419,7 @@ def _publish(
             "onnxruntime": ort.__version__,
             "python": platform.python_version(),
         },
-        dataset={
-            "kind": "synthetic",
-            "config": plan.world.to_dict(),
-            "checksum": trained.world.checksum(),
-        },
+        dataset=trained.dataset,
         drift_reference=drift_reference(trained, onnx_path, published.calibration),
     )
     return repository.publish(name, onnx_path, metadata, activate=activate)
@@ -430,6 +437,11 @@ def rebuild_drift_reference(
     """
     metadata = repository.read_metadata(name, version)
     dataset, training = metadata.dataset or {}, metadata.training or {}
+    if dataset.get("kind") == "prediction_log":
+        raise ValueError(
+            f"{name} v{version} was trained on the prediction log: its validation rows cannot be "
+            "drawn again from seeds (its drift reference is written when it is published)"
+        )
     if dataset.get("kind") != "synthetic" or "config" not in dataset:
         raise ValueError(f"{name} v{version} was not trained on the synthetic data set")
     world = SyntheticWorld(SyntheticConfig(**dataset["config"]))

@@ -1,5 +1,5 @@
 """The `adscore` command: serve, demo, train, learning-curve, load-features, batch-score,
-evaluate, export-features, reference, models, keys.
+evaluate, export-features, export-predictions, reference, models, keys.
 
 Training and the synthetic data set are imported only by the commands that need them, so the
 serving install (no torch) runs every other command.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -129,19 +130,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict[str, float], parity: dict[str, float] | None = None) -> None:
-    rows = [
-        ("oracle AUC (true probabilities)", metrics["oracle_auc"]),
-        ("DCN-v2 AUC", metrics["auc"]),
-        ("logistic regression AUC", metrics["baseline_auc"]),
-        ("lift over baseline (AUC)", metrics["lift_over_baseline_auc"]),
-        ("gap to oracle (AUC)", metrics["gap_to_oracle_auc"]),
-        ("oracle log loss", metrics["oracle_log_loss"]),
-        ("DCN-v2 log loss", metrics["log_loss"]),
-        ("logistic regression log loss", metrics["baseline_log_loss"]),
-        ("calibration error, before calibration", metrics["calibration_error_uncalibrated"]),
-        ("calibration error, after calibration", metrics["calibration_error"]),
-        ("base conversion rate", metrics["base_rate"]),
+    names = [
+        ("oracle AUC (true probabilities)", "oracle_auc"),
+        ("DCN-v2 AUC", "auc"),
+        ("logistic regression AUC", "baseline_auc"),
+        ("lift over baseline (AUC)", "lift_over_baseline_auc"),
+        ("gap to oracle (AUC)", "gap_to_oracle_auc"),
+        ("oracle log loss", "oracle_log_loss"),
+        ("DCN-v2 log loss", "log_loss"),
+        ("logistic regression log loss", "baseline_log_loss"),
+        ("calibration error, before calibration", "calibration_error_uncalibrated"),
+        ("calibration error, after calibration", "calibration_error"),
+        ("base conversion rate", "base_rate"),
     ]
+    # Data from the prediction log has no true probabilities, so no oracle figures.
+    rows = [(name, metrics[key]) for name, key in names if key in metrics]
     if "fp32_auc" in metrics:  # a quantized model: what it cost against its fp32 source
         rows += [
             ("fp32 source AUC", metrics["fp32_auc"]),
@@ -182,11 +185,65 @@ def _plan(args: argparse.Namespace) -> Any:
     )
 
 
+def _labelled_log(
+    paths: Sequence[Path], args: argparse.Namespace, *, inputs: bool
+) -> tuple[Any, int]:
+    """The logged rows at `paths` joined with `--labels` (a LabelledLog) and how many files
+    they came from; the counts are printed."""
+    from batch_scoring.errors import BatchInputError
+    from batch_scoring.log_labels import DEFAULT_KEYS, join_labels
+    from batch_scoring.prediction_log import read_prediction_log
+
+    if args.labels is None:
+        raise BatchInputError("--labels: name the file or folder of outcomes to join the log with")
+    rows, read = read_prediction_log(
+        paths, include_open=args.include_open, inputs=inputs, progress=not args.quiet
+    )
+    labelled = join_labels(
+        rows, args.labels, label_column=args.label_column, on=args.on or DEFAULT_KEYS,
+        unlabelled=args.unlabelled,
+    )  # fmt: skip
+    print("\n".join(read.lines() + labelled.report.lines()), flush=True)
+    if len(labelled) == 0:
+        raise BatchInputError("no logged row has a label (check --on, --label-column and the file)")
+    return labelled, len(read.files)
+
+
+def _log_training(args: argparse.Namespace, plan: Any) -> tuple[Any, Any] | None:
+    """The plan and training data of `train --from-log`, or None after printing the error."""
+    if not _batch_scoring_installed():
+        return None
+    from batch_scoring.errors import BatchError
+    from models.log_data import log_plan, logged_spec, training_data_from_log
+    from service.repository import ModelRepository
+
+    try:
+        labelled, files = _labelled_log(args.from_log, args, inputs=True)
+        spec = logged_spec(ModelRepository(args.model_repository), labelled.rows)
+        data = training_data_from_log(labelled, spec, files=files, labels_name=args.labels.name)
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    for name, split in data.dataset["splits"].items():
+        start, end = split["time_range"]
+        print(f"  {name}: {split['rows']:,} rows, {start} .. {end}")
+    return log_plan(plan, data), data
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models.pipeline import export_and_publish, run_training
     from service.repository import ModelRepository
 
-    trained = run_training(_plan(args), progress=not args.quiet)
+    plan, data = _plan(args), None
+    if args.from_log is not None:
+        loaded = _log_training(args, plan)
+        if loaded is None:
+            return 2
+        plan, data = loaded
+    elif args.labels is not None:
+        print("error: --labels goes with --from-log", file=sys.stderr)
+        return 2
+    trained = run_training(plan, progress=not args.quiet, data=data)
     metadata = export_and_publish(
         trained,
         ModelRepository(args.model_repository),
@@ -340,16 +397,50 @@ def cmd_batch_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_log(args: argparse.Namespace) -> int:
+    """Decay: the logged scores' quality per model version and time bucket."""
+    import json
+
+    from batch_scoring.decay import Granularity, decay_lines, evaluate_decay, plot_decay
+    from batch_scoring.errors import BatchError
+
+    by: Granularity = args.by or "day"
+    try:
+        labelled, _ = _labelled_log(args.log, args, inputs=False)
+        reports = evaluate_decay(labelled, by, args.bins)
+        if args.plot is not None:
+            plot_decay(reports, args.plot)
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + "\n".join(decay_lines(reports, by)))
+    if args.json is not None:
+        report = {
+            "by": by,
+            "rows": dataclasses.asdict(labelled.report),
+            "buckets": [r.to_dict() for r in reports],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot is not None:
+        print(f"decay plot: {args.plot}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """AUC, log loss and calibration of batch scores against labels, per model version."""
+    """AUC, log loss and calibration of batch scores (or of the prediction log) against labels,
+    per model version (and time bucket)."""
     if not _batch_scoring_installed():
         return 2
+    if args.log is not None:
+        return _evaluate_log(args)
     import json
 
     from batch_scoring.errors import BatchError
     from batch_scoring.evaluate import evaluate, plot_reliability, read_scored, report_lines
 
     try:
+        if args.by is not None:
+            raise BatchError("--by goes with --log (batch scores carry no time)")
         table = read_scored(args.scores, args.label_column, args.labels, args.on or ())
         if table.num_rows == 0:
             raise BatchError("no scored row has a label (check --on and the label file)")
@@ -386,6 +477,42 @@ def cmd_export_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_predictions(args: argparse.Namespace) -> int:
+    """Copy the prediction log's Redis stream into JSON Lines files (for train and evaluate)."""
+    from batch_scoring.errors import BatchError
+    from batch_scoring.prediction_export import export_stream
+
+    settings = _settings(args)
+    key = f"{settings.feature_namespace}:predictions"
+    try:
+        summary = export_stream(
+            settings.prediction_log_redis_url or settings.redis_url, key, args.output,
+            after=args.after, progress=not args.quiet,
+        )  # fmt: skip
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    skipped = f" ({summary.skipped} entries without a record skipped)" if summary.skipped else ""
+    print(f"wrote {summary.records} records of {key} to {len(summary.files)} file(s) in "
+          f"{args.output}{skipped}")  # fmt: skip
+    if summary.last_id is not None:
+        print(f"last entry: {summary.last_id} (--after {summary.last_id} copies newer ones only)")
+    return 0
+
+
+def _add_log_reading_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unlabelled", choices=["drop", "negative"], default="drop",
+        help="logged rows the label file does not name: drop them (default), or take them as "
+        "non-conversions (a file of conversions only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--include-open", action="store_true",
+        help="read .jsonl.open files too (still being written; a half-written last line is "
+        "skipped)",
+    )  # fmt: skip
+
+
 def _add_batch_commands(commands: Any) -> None:
     batch = commands.add_parser(
         "batch-score",
@@ -420,22 +547,39 @@ def _add_batch_commands(commands: Any) -> None:
 
     evaluation = commands.add_parser(
         "evaluate",
-        help="AUC, log loss and calibration of batch scores against labels, per model version",
-        description="Join batch-score output with labels (conversions) and report, per model "
-        "version, AUC, log loss, expected calibration error and a reliability table.",
+        help="AUC, log loss and calibration of batch scores or of the prediction log against "
+        "labels, per model version (and time bucket: decay)",
+        description="Join batch-score output (--scores) with labels (conversions) and report, per "
+        "model version, AUC, log loss, expected calibration error and a reliability table. Or "
+        "join the prediction log (--log) with labels on request id and ad id and report the same "
+        "per model version and UTC time bucket (--by), to see a model decay.",
     )
-    evaluation.add_argument(
-        "--scores", type=Path, nargs="+", required=True, help="batch-score output folder(s)"
+    inputs = evaluation.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--scores", type=Path, nargs="+", help="batch-score output folder(s)")
+    inputs.add_argument(
+        "--log", type=Path, nargs="+", help="prediction log files or folders (.jsonl)"
     )
     evaluation.add_argument(
         "--labels", type=Path,
-        help="Parquet/CSV file or folder of labels (default: the label column of the scores)",
+        help="Parquet/CSV file or folder of labels (default with --scores: their label column)",
     )  # fmt: skip
-    evaluation.add_argument("--on", nargs="+", help="key column(s) joining scores and labels")
+    evaluation.add_argument(
+        "--on", nargs="+",
+        help="key column(s) joining scores and labels; with --log, the label file's request id "
+        "and ad id columns (default request_id ad_id)",
+    )  # fmt: skip
     evaluation.add_argument("--label-column", default="label", help="0/1 outcome (default label)")
+    evaluation.add_argument(
+        "--by", choices=["hour", "day", "week"], help="--log: time buckets, UTC (default day)"
+    )
+    _add_log_reading_flags(evaluation)
     evaluation.add_argument("--bins", type=_positive, default=10, help="reliability bins (10)")
-    evaluation.add_argument("--plot", type=Path, help="write a reliability diagram (PNG)")
+    evaluation.add_argument(
+        "--plot", type=Path,
+        help="write a reliability diagram (PNG); with --log, AUC and rates over time",
+    )  # fmt: skip
     evaluation.add_argument("--json", type=Path, help="write the reports as JSON")
+    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluation.set_defaults(handler=cmd_evaluate)
 
     export = commands.add_parser(
@@ -449,6 +593,23 @@ def _add_batch_commands(commands: Any) -> None:
     export.add_argument("--feature-namespace", help="key prefix of the features (default adscore)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=cmd_export_features)
+
+    predictions = commands.add_parser(
+        "export-predictions",
+        help="copy the prediction log's Redis stream into JSON Lines files (train, evaluate)",
+        description="Page through the stream {namespace}:predictions with XRANGE and write its "
+        "records to .jsonl files in --output, readable by train --from-log and evaluate --log. "
+        "The stream is left as it is.",
+    )
+    predictions.add_argument("--output", type=Path, required=True, help="folder for the files")
+    predictions.add_argument("--redis-url", help="Redis of the prediction stream")
+    predictions.add_argument("--feature-namespace", help="stream key prefix (default adscore)")
+    predictions.add_argument(
+        "--after", metavar="ENTRY_ID", help="copy only entries after this one (a previous export's "
+        "last entry)",
+    )  # fmt: skip
+    predictions.add_argument("--quiet", action="store_true", help="no progress bar")
+    predictions.set_defaults(handler=cmd_export_predictions)
 
 
 def _add_service_flags(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -500,6 +661,23 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_log_training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from-log", type=Path, nargs="+", metavar="PATH",
+        help="train on prediction log files or folders (.jsonl) joined with --labels instead of "
+        "the synthetic data set: split by time 70/10/10/10 (--rows and the synthetic world's "
+        "flags do not apply), with the feature spec of the logged versions (in "
+        "--model-repository)",
+    )  # fmt: skip
+    parser.add_argument("--labels", type=Path, help="--from-log: Parquet/CSV file or folder")
+    parser.add_argument(
+        "--on", nargs=2, metavar=("REQUEST_ID", "AD_ID"),
+        help="--from-log: the label file's request id and ad id columns (default request_id ad_id)",
+    )  # fmt: skip
+    parser.add_argument("--label-column", default="label", help="0/1 outcome (default label)")
+    _add_log_reading_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adscore", description="Real-time ads conversion prediction service."
@@ -530,15 +708,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train, calibrate, export and publish a DCN-v2 model on the synthetic data set",
-        description="Generate the synthetic data set, train a logistic-regression baseline and "
-        "a DCN-v2 with early stopping, calibrate, evaluate against the oracle, export to ONNX, "
+        help="train, calibrate, export and publish a DCN-v2 model (synthetic data or the "
+        "prediction log)",
+        description="Generate the synthetic data set (or read the prediction log and join it "
+        "with labels: --from-log), train a logistic-regression baseline and a DCN-v2 with early "
+        "stopping, calibrate, evaluate (against the oracle on synthetic data), export to ONNX, "
         "check parity and publish a new version. Needs the 'train' extra (torch).",
     )
     _add_training_flags(train)
+    _add_log_training_flags(train)
     train.add_argument(
         "--model-repository", type=Path, default=Path("model_repository"),
-        help="where to publish (default model_repository)",
+        help="where to publish, and with --from-log where the logged versions are "
+        "(default model_repository)",
     )  # fmt: skip
     train.add_argument("--name", default="pcvr", help="model name (default pcvr)")
     train.add_argument("--no-activate", action="store_true", help="publish without activating")

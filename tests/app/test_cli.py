@@ -34,6 +34,7 @@ ROOT = Path(__file__).parents[2]
         ["batch-score"],
         ["evaluate"],
         ["export-features"],
+        ["export-predictions"],
         ["reference"],
         ["models"],
         ["models", "canary"],
