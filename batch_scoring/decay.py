@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from batch_scoring.errors import BatchInputError
 from batch_scoring.log_labels import LabelledLog
+from batch_scoring.plotting import pyplot
 from models.evaluation import expected_calibration_error, log_loss, roc_auc
 
 Granularity = Literal["hour", "day", "week"]
@@ -129,13 +130,7 @@ def decay_lines(reports: Sequence[BucketReport], by: Granularity) -> list[str]:
 
 def plot_decay(reports: Sequence[BucketReport], path: Path) -> None:
     """AUC (top) and mean score against the observed rate (bottom) over time, per version."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise BatchInputError("--plot needs matplotlib: pip install 'adscore[bench]'") from exc
+    plt = pyplot()
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     versions = sorted({(r.model, r.model_version) for r in reports})
     for index, (name, version) in enumerate(versions):

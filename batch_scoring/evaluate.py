@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from batch_scoring.errors import BatchInputError
+from batch_scoring.plotting import pyplot
 from models.evaluation import expected_calibration_error, log_loss, roc_auc
 
 
@@ -192,13 +193,7 @@ def report_lines(reports: Sequence[VersionReport]) -> list[str]:
 
 def plot_reliability(reports: Sequence[VersionReport], path: Path) -> None:
     """A reliability diagram (observed rate against mean score, one line per version)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise BatchInputError("--plot needs matplotlib: pip install 'adscore[bench]'") from exc
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6, 6))
     top = max(max(b.mean_score, b.observed_rate) for r in reports for b in r.reliability)
     axes.plot([0, top], [0, top], color="grey", linestyle="--", label="perfect calibration")

@@ -36,6 +36,7 @@ from feature_client.spec import FeatureSpec
 from service.model_manager import lower_thread_priority
 from service.registry import LoadedModel
 from service.routing import ServingPlan
+from service.work_queue import wait_drained
 
 logger = logging.getLogger("adscore.drift")
 
@@ -344,12 +345,7 @@ class DriftMonitor:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued sample is binned (tests); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_drained(self._queue, timeout)
 
     def close(self) -> None:
         if self._thread is not None:

@@ -32,6 +32,7 @@ from service.prediction_record import PredictionRecord
 from service.prediction_sinks import JsonLinesSink, RedisStreamSink, Sink
 from service.registry import LoadedModel
 from service.settings import Settings
+from service.work_queue import wait_drained
 
 logger = logging.getLogger("adscore.prediction_log")
 
@@ -179,12 +180,7 @@ class PredictionLog:
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued record is written or counted (tests); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_drained(self._queue, timeout)
 
     def close(self) -> None:
         """Write what is queued, close the sink; rows still queued after the timeout count as
