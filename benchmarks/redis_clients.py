@@ -1,4 +1,5 @@
-"""Client CPU of one MGET of 257 keys: redis-py's synchronous client against redis.asyncio.
+"""Client CPU of one MGET of 257 keys: redis-py's synchronous client, redis.asyncio, and the
+feature store's own read (one-join framing on a pooled asyncio connection, no coalescing).
 
 python -m benchmarks.redis_clients
 """
@@ -13,6 +14,7 @@ import redis
 import redis.asyncio as aredis
 
 from feature_client.redis_server import LocalRedisServer
+from feature_client.redis_store import RedisFeatureStore
 
 ADS = 200_000
 CALLS = 2_000
@@ -43,6 +45,13 @@ def main() -> None:
             print(f"async MGET: {(time.process_time() - cpu) / CALLS * 1e6:.0f} µs client CPU, "
                   f"{(time.perf_counter() - wall) / CALLS * 1e6:.0f} µs wall")  # fmt: skip
             await async_client.aclose()
+            store = RedisFeatureStore.from_url(server.url, "adscore", 1.0)
+            cpu, wall = time.process_time(), time.perf_counter()
+            for keys in rounds:
+                await store.mget(keys)
+            print(f"store MGET: {(time.process_time() - cpu) / CALLS * 1e6:.0f} µs client CPU, "
+                  f"{(time.perf_counter() - wall) / CALLS * 1e6:.0f} µs wall")  # fmt: skip
+            await store.close()
 
         asyncio.run(run_async())
 
