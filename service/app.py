@@ -26,6 +26,7 @@ from service.errors import install_error_handlers
 from service.fast_path import AdscoreApp
 from service.metrics import Metrics
 from service.model_manager import ModelManager
+from service.prediction_log import PredictionLogError
 from service.registry import ModelLoadError
 from service.repository import ModelRepository, RepositoryError
 from service.routes import health, models, oip, scoring
@@ -158,7 +159,10 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             cleanup.push_async_callback(feature_store.close)
             manager = await start_models(settings, feature_store, metrics)
             cleanup.push_async_callback(manager.close)
-            pipeline = ScoringPipeline(manager, feature_store, metrics, settings)
+            try:
+                pipeline = ScoringPipeline(manager, feature_store, metrics, settings)
+            except PredictionLogError as exc:
+                raise StartupError(str(exc)) from exc
             cleanup.callback(pipeline.close)
             metrics.drift.source = lambda: pipeline.drift.table(scored_versions(manager.plans()))
             admission = AdmissionControl(settings.max_in_flight, metrics.in_flight, metrics.shed)

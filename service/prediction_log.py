@@ -199,19 +199,30 @@ class PredictionLog:
             logger.error("prediction log: the sink did not finish in %.0f s", CLOSE_TIMEOUT_SECONDS)
 
 
+class PredictionLogError(Exception):
+    """The prediction log cannot start (its folder cannot be created)."""
+
+
 def build_prediction_log(settings: Settings, rows: Counter) -> PredictionLog | None:
     """The prediction log the settings ask for, or None when it is off."""
     if settings.prediction_log == "off" or settings.prediction_log_sample_rate == 0:
         return None
     sink: Sink
     if settings.prediction_log == "jsonl":
-        sink = JsonLinesSink(
-            Path(settings.prediction_log_dir),
-            max_file_bytes=settings.prediction_log_max_file_bytes,
-            rotate_seconds=settings.prediction_log_rotate_seconds,
-            max_files=settings.prediction_log_max_files,
-            on_expired=rows.labels("expired").inc,
-        )
+        directory = Path(settings.prediction_log_dir)
+        try:
+            sink = JsonLinesSink(
+                directory,
+                max_file_bytes=settings.prediction_log_max_file_bytes,
+                rotate_seconds=settings.prediction_log_rotate_seconds,
+                max_files=settings.prediction_log_max_files,
+                on_expired=rows.labels("expired").inc,
+            )
+        except OSError as exc:
+            raise PredictionLogError(
+                f"prediction_log_dir {directory}: cannot create it ({exc.strerror}); "
+                "mount a writable volume there or set ADSCORE_PREDICTION_LOG_DIR"
+            ) from exc
     else:
         sink = RedisStreamSink(
             settings.prediction_log_redis_url or settings.redis_url,

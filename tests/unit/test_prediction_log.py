@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from feature_client.assembly import ModelInputs
 from service.metrics import Metrics
-from service.prediction_log import PredictionLog, build_prediction_log
+from service.prediction_log import PredictionLog, PredictionLogError, build_prediction_log
 from service.prediction_record import FORMAT, PredictionRecord, RecordError
 from service.prediction_sinks import JsonLinesSink
 from service.registry import LoadedModel
@@ -252,3 +252,11 @@ def test_the_log_is_off_by_default_and_when_the_rate_is_zero(tmp_path: Path) -> 
     log = build_prediction_log(on, rows)
     assert log is not None and isinstance(log.sink, JsonLinesSink)
     log.close()
+
+
+def test_an_unwritable_log_folder_is_refused_with_its_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    settings = Settings(prediction_log="jsonl", prediction_log_dir=blocker / "log")
+    with pytest.raises(PredictionLogError, match=r"prediction_log_dir .*not-a-folder/log: cannot"):
+        build_prediction_log(settings, Metrics(CollectorRegistry()).prediction_log_rows)
