@@ -9,6 +9,8 @@ numpy only: training writes these summaries and serving bins live rows with the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,3 +180,57 @@ def build_reference(
         score=binned("score", scores),
         mean_score=float(scores.mean()),
     )
+
+
+class ReferenceBinner:
+    """Bins live rows against one reference with its arrays prepared once.
+
+    Gives the same counts as the summaries' own `counts` (checked by a test), in fewer numpy
+    calls: every categorical feature is looked up in one searchsorted over (feature, id) keys
+    and counted in one bincount, where per-feature calls would pay numpy's fixed cost per call
+    on every sampled request.
+    """
+
+    def __init__(self, reference: DriftReference) -> None:
+        self.reference = reference
+        self._dense_edges = [np.asarray(s.edges, dtype=np.float64) for s in reference.dense]
+        self._score_edges = np.asarray(reference.score.edges, dtype=np.float64)
+        sizes = [len(s.ids) + 1 for s in reference.categorical]  # the top ids, then "other"
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        keys, slots = [], []
+        for j, summary in enumerate(reference.categorical):
+            for k, top_id in enumerate(summary.ids):
+                keys.append(self._key(j, top_id))
+                slots.append(offsets[j] + k)
+        order = np.argsort(np.asarray(keys, dtype=np.int64), kind="stable")
+        self._keys = np.asarray(keys, dtype=np.int64)[order]
+        self._slots = np.asarray(slots, dtype=np.int64)[order]
+        self._other = offsets[1:] - 1
+        self._offsets = offsets
+
+    @staticmethod
+    def _key(feature: int | npt.NDArray[np.int64], ids: int | npt.NDArray[np.integer]) -> Any:
+        # Ids are non-negative; masking keeps a corrupt negative one from matching a top id.
+        return (np.int64(feature) << 32) + (np.int64(ids) & 0xFFFFFFFF)
+
+    def dense(self, dense: npt.NDArray[np.floating]) -> list[npt.NDArray[np.int64]]:
+        return [bin_counts(edges, dense[:, j]) for j, edges in enumerate(self._dense_edges)]
+
+    def categorical(self, ids: npt.NDArray[np.integer]) -> list[npt.NDArray[np.int64]]:
+        features = len(self._other)
+        if features == 0:
+            return []
+        rows = len(ids)
+        keys = self._key(np.arange(features, dtype=np.int64)[None, :], ids[:, :features]).ravel()
+        if len(self._keys):
+            position = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            slot = np.where(self._keys[position] == keys, self._slots[position], -1)
+        else:
+            slot = np.full(len(keys), -1)
+        other = np.tile(self._other, rows)
+        slot = np.where(slot < 0, other, slot)
+        counts = np.bincount(slot, minlength=int(self._offsets[-1])).astype(np.int64)
+        return np.split(counts, self._offsets[1:-1])
+
+    def score(self, scores: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
+        return bin_counts(self._score_edges, scores)

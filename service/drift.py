@@ -28,6 +28,7 @@ from feature_client.reference import (
     ENTITIES,
     BinnedSummary,
     DriftReference,
+    ReferenceBinner,
     TopIdsSummary,
     defaulted_counts,
     dense_defaults,
@@ -43,6 +44,8 @@ logger = logging.getLogger("adscore.drift")
 # Shares below this count as this much, so an empty bin gives a large but finite PSI.
 PSI_FLOOR = 1e-4
 DRIFT_NICE = 10
+# Queued samples binned together at most (see merged()).
+BIN_BATCH = 256
 
 Key = tuple[str, int]
 
@@ -77,28 +80,28 @@ class Tally:
     @classmethod
     def of(
         cls,
-        reference: DriftReference | None,
+        binner: ReferenceBinner | None,
         inputs: ModelInputs,
         scores: npt.NDArray[np.float64],
-        user_found: bool,
+        user_found: bool | npt.NDArray[np.bool_],
         ads_found: npt.NDArray[np.bool_],
         defaults: npt.NDArray[np.float32],
     ) -> Tally:
-        """Bin one request's rows (the worker thread's job, never the request's); `defaults` is
-        the version's dense default row (`feature_client.reference.dense_defaults`)."""
+        """Bin rows of one version (the worker thread's job, never the request's): one request's
+        (`user_found` one bool) or several requests' concatenated (one bool per row); `defaults`
+        is the version's dense default row (`feature_client.reference.dense_defaults`)."""
         n = len(scores)
+        users_found = int(np.broadcast_to(user_found, n).sum())
         tally = cls(
             rows=n,
-            missing=np.asarray([0 if user_found else n, n - int(ads_found.sum())]),
+            missing=np.asarray([n - users_found, n - int(ads_found.sum())]),
             score_sum=float(scores.sum()),
             defaulted=defaulted_counts(defaults, inputs.dense, inputs.ids),
         )
-        if reference is not None:
-            tally.dense = [s.counts(inputs.dense[:, j]) for j, s in enumerate(reference.dense)]
-            tally.categorical = [
-                s.counts(inputs.ids[:, j]) for j, s in enumerate(reference.categorical)
-            ]
-            tally.score = reference.score.counts(scores)
+        if binner is not None:
+            tally.dense = binner.dense(inputs.dense)
+            tally.categorical = binner.categorical(inputs.ids)
+            tally.score = binner.score(scores)
         return tally
 
     def merge(self, other: Tally) -> Tally:
@@ -233,12 +236,49 @@ def scored_versions(plans: Iterable[ServingPlan]) -> list[LoadedModel]:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What binning one version's rows needs, built from its spec and reference once."""
+
+    spec: FeatureSpec
+    reference: DriftReference | None
+    defaults: npt.NDArray[np.float32]
+    binner: ReferenceBinner | None
+
+
+@dataclass(frozen=True)
 class Sample:
     model: LoadedModel
     inputs: ModelInputs
     scores: npt.NDArray[np.float64]
-    user_found: bool
+    user_found: bool | npt.NDArray[np.bool_]
     ads_found: npt.NDArray[np.bool_]
+
+
+def merged(samples: list[Sample]) -> list[Sample]:
+    """The samples of each version concatenated into one: numpy's fixed cost per call, paid per
+    feature, then falls on a batch of requests instead of on each (at 5,000 requests/s and a 5 %
+    sample, binning request by request kept the worker a third of a core busy)."""
+    by_model: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_model.setdefault(id(sample.model), []).append(sample)
+    result = []
+    for group in by_model.values():
+        if len(group) == 1:
+            result.append(group[0])
+            continue
+        result.append(
+            Sample(
+                group[0].model,
+                ModelInputs(
+                    np.concatenate([g.inputs.dense for g in group]),
+                    np.concatenate([g.inputs.ids for g in group]),
+                ),
+                np.concatenate([g.scores for g in group]),
+                np.concatenate([np.broadcast_to(g.user_found, len(g.scores)) for g in group]),
+                np.concatenate([g.ads_found for g in group]),
+            )
+        )
+    return result
 
 
 class DriftMonitor:
@@ -266,7 +306,7 @@ class DriftMonitor:
         self._windows: dict[Key, RollingWindow] = {}
         # Dense default row per version, with the spec it was built from: built once, not per
         # sample, and rebuilt if the version is reloaded with another spec object.
-        self._defaults: dict[Key, tuple[FeatureSpec, npt.NDArray[np.float32]]] = {}
+        self._prepared_versions: dict[Key, Prepared] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -291,34 +331,54 @@ class DriftMonitor:
 
     def _run(self) -> None:
         lower_thread_priority(DRIFT_NICE)
-        while (sample := self._queue.get()) is not None:
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < BIN_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            samples = [s for s in batch if s is not None]
             try:
-                self.record(sample)
+                for sample in merged(samples):
+                    self.record(sample)
             except Exception:  # drift is advice: a bad sample must not stop the worker
-                logger.exception("drift: binning a sample failed")
+                logger.exception("drift: binning %d samples failed", len(samples))
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if len(samples) < len(batch):  # the stop sentinel
+                return
 
-    def _dense_defaults(self, model: LoadedModel) -> npt.NDArray[np.float32]:
+    def _prepared(self, model: LoadedModel) -> Prepared:
+        """The version's dense default row and reference binner, built once per loaded version
+        (rebuilt when a reload brings another spec or reference)."""
         key = (model.name, model.version)
+        reference = model.metadata.drift_reference
         with self._lock:
-            cached = self._defaults.get(key)
-        if cached is not None and cached[0] is model.spec:
-            return cached[1]
-        defaults = dense_defaults(model.spec)
+            cached = self._prepared_versions.get(key)
+        if cached is not None and cached.spec is model.spec and cached.reference is reference:
+            return cached
+        prepared = Prepared(
+            model.spec,
+            reference,
+            dense_defaults(model.spec),
+            None if reference is None else ReferenceBinner(reference),
+        )
         with self._lock:
-            self._defaults[key] = (model.spec, defaults)
-        return defaults
+            self._prepared_versions[key] = prepared
+        return prepared
 
     def record(self, sample: Sample) -> None:
         model = sample.model
+        prepared = self._prepared(model)
         tally = Tally.of(
-            model.metadata.drift_reference,
+            prepared.binner,
             sample.inputs,
             sample.scores,
             sample.user_found,
             sample.ads_found,
-            self._dense_defaults(model),
+            prepared.defaults,
         )
         key = (model.name, model.version)
         with self._lock:
@@ -334,7 +394,9 @@ class DriftMonitor:
         keys = {(m.name, m.version) for m in models}
         with self._lock:
             self._windows = {k: w for k, w in self._windows.items() if k in keys}
-            self._defaults = {k: d for k, d in self._defaults.items() if k in keys}
+            self._prepared_versions = {
+                k: p for k, p in self._prepared_versions.items() if k in keys
+            }
             totals = {k: w.total() for k, w in self._windows.items()}
         return [
             _version_drift(

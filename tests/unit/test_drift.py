@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from feature_client.assembly import ModelInputs
 from feature_client.reference import (
     DriftReference,
+    ReferenceBinner,
     bin_counts,
     build_reference,
     defaulted_counts,
@@ -19,7 +20,7 @@ from feature_client.reference import (
     quantile_edges,
 )
 from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
-from service.drift import DriftMonitor, RollingWindow, Tally, VersionDrift, psi
+from service.drift import DriftMonitor, RollingWindow, Sample, Tally, VersionDrift, merged, psi
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from tests.fixtures import LinearRuntime, metadata_for, tiny_spec
@@ -288,3 +289,56 @@ def test_drift_gauges_are_exported_for_the_versions_given() -> None:
     assert 'adscore_feature_default_rate{feature="ad_id",model="pcvr",version="2"} 0.01' in text
     assert "adscore_feature_default_rate_reference{" not in text
     monitor.close()
+
+
+def test_samples_binned_together_count_as_the_sum_of_each_alone() -> None:
+    model, _ = _model()
+    other, _ = _model(reference_rows=5_000)
+    rng = np.random.default_rng(3)
+    samples = []
+    for i, owner in enumerate([model, other, model, model]):
+        inputs = _inputs(rng, 5 + i)
+        scores = rng.random(len(inputs))
+        ads_found = rng.random(len(inputs)) < 0.8
+        samples.append(Sample(owner, inputs, scores, i % 2 == 0, ads_found))
+    groups = merged(samples)
+    assert [g.model for g in groups] == [model, other]
+    defaults = dense_defaults(model.spec)
+    reference = model.metadata.drift_reference
+    assert reference is not None
+    binner = ReferenceBinner(reference)
+
+    def tally(s: Sample) -> Tally:
+        return Tally.of(binner, s.inputs, s.scores, s.user_found, s.ads_found, defaults)
+
+    alone = Tally()
+    for sample in (samples[0], samples[2], samples[3]):
+        alone = alone.merge(tally(sample))
+    together = tally(groups[0])
+    assert together.rows == alone.rows == 5 + 7 + 8
+    assert together.missing.tolist() == alone.missing.tolist()
+    assert together.defaulted.tolist() == alone.defaulted.tolist()
+    assert [c.tolist() for c in together.dense] == [c.tolist() for c in alone.dense]
+    assert [c.tolist() for c in together.categorical] == [c.tolist() for c in alone.categorical]
+    assert together.score.tolist() == alone.score.tolist()
+    assert together.score_sum == pytest.approx(alone.score_sum)
+    assert groups[1] is samples[1]  # a version with one sample is binned as it is
+
+
+def test_the_binner_counts_exactly_as_each_summary_does() -> None:
+    model, _ = _model()
+    reference = model.metadata.drift_reference
+    assert reference is not None
+    binner = ReferenceBinner(reference)
+    rng = np.random.default_rng(9)
+    live = _inputs(rng, 500, shift=0.3)
+    live.ids[:7, 1] = 10**6  # ids no summary lists count as "other"
+    live.ids[7, 0] = -5  # a corrupt id too
+    scores = rng.random(500)
+    assert [c.tolist() for c in binner.categorical(live.ids)] == [
+        s.counts(live.ids[:, j]).tolist() for j, s in enumerate(reference.categorical)
+    ]
+    assert [c.tolist() for c in binner.dense(live.dense)] == [
+        s.counts(live.dense[:, j]).tolist() for j, s in enumerate(reference.dense)
+    ]
+    assert binner.score(scores).tolist() == reference.score.counts(scores).tolist()
