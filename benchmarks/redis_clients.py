@@ -20,6 +20,21 @@ ADS = 200_000
 CALLS = 2_000
 
 
+class Timer:
+    """Prints the client CPU and wall time per call of the block it wraps (CALLS calls)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __enter__(self) -> None:
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        cpu = (time.process_time() - self.cpu) / CALLS * 1e6
+        wall = (time.perf_counter() - self.wall) / CALLS * 1e6
+        print(f"{self.label} {cpu:.0f} µs client CPU, {wall:.0f} µs wall")
+
+
 def main() -> None:
     with LocalRedisServer() as server:
         client = redis.Redis.from_url(server.url)
@@ -30,27 +45,21 @@ def main() -> None:
         rng = np.random.default_rng(0)
         key_sets = [[f"adscore:a:a{j}" for j in rng.integers(0, ADS, 257)] for _ in range(500)]
         rounds = key_sets * (CALLS // len(key_sets))
-        cpu, wall = time.process_time(), time.perf_counter()
-        for keys in rounds:
-            client.mget(keys)
-        print(f"sync MGET:  {(time.process_time() - cpu) / CALLS * 1e6:.0f} µs client CPU, "
-              f"{(time.perf_counter() - wall) / CALLS * 1e6:.0f} µs wall")  # fmt: skip
+        with Timer("sync MGET: "):
+            for keys in rounds:
+                client.mget(keys)
         client.close()
 
         async def run_async() -> None:
             async_client = aredis.Redis.from_url(server.url)
-            cpu, wall = time.process_time(), time.perf_counter()
-            for keys in rounds:
-                await async_client.mget(keys)
-            print(f"async MGET: {(time.process_time() - cpu) / CALLS * 1e6:.0f} µs client CPU, "
-                  f"{(time.perf_counter() - wall) / CALLS * 1e6:.0f} µs wall")  # fmt: skip
+            with Timer("async MGET:"):
+                for keys in rounds:
+                    await async_client.mget(keys)
             await async_client.aclose()
             store = RedisFeatureStore.from_url(server.url, "adscore", 1.0)
-            cpu, wall = time.process_time(), time.perf_counter()
-            for keys in rounds:
-                await store.mget(keys)
-            print(f"store MGET: {(time.process_time() - cpu) / CALLS * 1e6:.0f} µs client CPU, "
-                  f"{(time.perf_counter() - wall) / CALLS * 1e6:.0f} µs wall")  # fmt: skip
+            with Timer("store MGET:"):
+                for keys in rounds:
+                    await store.mget(keys)
             await store.close()
 
         asyncio.run(run_async())
