@@ -6,6 +6,7 @@ time, and raise on failure so that the worker counts the batch as lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -49,7 +50,8 @@ class JsonLinesSink:
 
     A file is closed, renamed to `.jsonl`, once it holds `max_file_bytes` or is
     `rotate_seconds` old: readers take `.jsonl` files only, so they never see a half-written
-    line. Each batch is flushed to the OS at once, so a crash loses at most what was queued.
+    line. Each batch goes to the OS at once (no buffer), so a crash loses at most what was
+    queued, and a failed write is cut back off the file.
     With `max_files` > 0 the oldest closed files this process wrote are deleted beyond that
     many, and `on_expired(rows)` counts the candidate rows they held.
     """
@@ -79,8 +81,16 @@ class JsonLinesSink:
     def write(self, lines: Sequence[bytes], rows: int) -> None:
         current = self._file or self._open()
         payload = b"".join(line + b"\n" for line in lines)
-        current.handle.write(payload)
-        current.handle.flush()
+        try:
+            written = 0
+            while written < len(payload):  # unbuffered: a write may take part of it
+                written += current.handle.write(memoryview(payload)[written:]) or 0
+        except OSError:
+            # A full disk can leave half a line behind; cut it off, so that the file stays
+            # readable to its end (the batch is counted as failed by the caller).
+            with contextlib.suppress(OSError):
+                current.handle.truncate(current.bytes)
+            raise
         current.bytes += len(payload)
         current.rows += rows
         if current.bytes >= self._max_file_bytes:
@@ -100,7 +110,8 @@ class JsonLinesSink:
         stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
         self._sequence += 1
         path = self.directory / (self._prefix.format(stamp) + f"-{self._sequence}{OPEN_SUFFIX}")
-        self._file = _OpenFile(path, path.open("ab"), now)
+        # Unbuffered: each batch reaches the OS in full or not at all (see write).
+        self._file = _OpenFile(path, path.open("ab", buffering=0), now)
         return self._file
 
     def _rotate(self) -> None:

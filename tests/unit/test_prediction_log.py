@@ -260,3 +260,34 @@ def test_an_unwritable_log_folder_is_refused_with_its_path(tmp_path: Path) -> No
     settings = Settings(prediction_log="jsonl", prediction_log_dir=blocker / "log")
     with pytest.raises(PredictionLogError, match=r"prediction_log_dir .*not-a-folder/log: cannot"):
         build_prediction_log(settings, Metrics(CollectorRegistry()).prediction_log_rows)
+
+
+class FailingHalfway:
+    """A file handle that writes half of what it is given, then fails like a full disk."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def write(self, data: Any) -> int:
+        self.handle.write(bytes(data)[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
+def test_a_failed_write_leaves_no_half_line_behind(tmp_path: Path) -> None:
+    sink = JsonLinesSink(tmp_path, max_file_bytes=1 << 20, rotate_seconds=3600)
+    sink.write([record(seed=1).encode()], 3)
+    current = sink._file
+    assert current is not None
+    real = current.handle
+    current.handle = FailingHalfway(real)  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space left"):
+        sink.write([record(seed=2).encode()], 3)
+    current.handle = real
+    sink.write([record(seed=3).encode()], 3)
+    sink.close()
+    (path,) = tmp_path.glob("*.jsonl")
+    ids = [PredictionRecord.decode(line).request_id for line in path.read_bytes().splitlines()]
+    assert ids == ["r-1", "r-3"]
