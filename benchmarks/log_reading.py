@@ -55,26 +55,44 @@ def write_log(folder: Path, rows: int, candidates: int) -> None:
     sink.close()
 
 
+def measure(rows: int, candidates: int) -> list[dict[str, float]]:
+    """Write a log of `rows` rows in requests of `candidates`, read it with and without inputs."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="adscore-log-") as tmp:
+        folder = Path(tmp)
+        write_log(folder, rows, candidates)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        for keep_inputs in (True, False):
+            started = time.perf_counter()
+            logged, _ = read_prediction_log([folder], inputs=keep_inputs, progress=False)
+            seconds = time.perf_counter() - started
+            results.append(
+                {
+                    "candidates": candidates,
+                    "rows": len(logged),
+                    "bytes": size,
+                    "inputs_kept": keep_inputs,
+                    "seconds": seconds,
+                    "rows_per_second": len(logged) / seconds,
+                }
+            )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--candidates", type=int, nargs="+", default=[100, 10])
     args = parser.parse_args()
     for candidates in args.candidates:
-        with tempfile.TemporaryDirectory(prefix="adscore-log-") as tmp:
-            folder = Path(tmp)
-            write_log(folder, args.rows, candidates)
-            size = sum(p.stat().st_size for p in folder.iterdir())
-            for keep_inputs in (True, False):
-                started = time.perf_counter()
-                rows, _ = read_prediction_log([folder], inputs=keep_inputs, progress=False)
-                seconds = time.perf_counter() - started
-                print(
-                    f"{candidates} candidates per request, {len(rows):,} rows, "
-                    f"{size / 2**20:.0f} MiB, inputs {'kept' if keep_inputs else 'skipped'}: "
-                    f"{seconds:.1f} s, {len(rows) / seconds:,.0f} rows/s",
-                    flush=True,
-                )
+        for r in measure(args.rows, candidates):
+            inputs = "kept" if r["inputs_kept"] else "skipped"
+            print(
+                f"{candidates} candidates per request, {r['rows']:,.0f} rows, "
+                f"{r['bytes'] / 2**20:.0f} MiB, inputs {inputs}: "
+                f"{r['seconds']:.1f} s, {r['rows_per_second']:,.0f} rows/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks import loadgen, population, providers, settings_ab
+from benchmarks import explain, loadgen, log_reading, population, providers, settings_ab
 from benchmarks.naive_service import build_app
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
@@ -248,3 +248,18 @@ def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
     medians = orjson.loads((tmp_path / "settings_ab.json").read_bytes())["medians"]
     assert [m["variant"] for m in medians] == ["off", "all"]
     assert all(m["p99_ms"] > 0 and m["rejected"] == 0 for m in medians)
+
+
+def test_explain_benchmark_times_plain_and_explained_requests() -> None:
+    lines = asyncio.run(explain.measure(DEMO.root, "pcvr", [4], repeats=3))
+    (row,) = [line for line in lines if line.startswith("| 4 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    features = len(DEMO.read_metadata("pcvr", 1).spec().features)
+    assert cells[1] == str(4 * (1 + features))  # rows scored when explained
+    assert all(cell.endswith(" ms") for cell in cells[2:6])
+
+
+def test_log_reading_benchmark_reads_back_every_row_it_wrote() -> None:
+    results = log_reading.measure(rows=2_000, candidates=20)
+    assert [(r["rows"], r["inputs_kept"]) for r in results] == [(2_000, True), (2_000, False)]
+    assert all(r["bytes"] > 0 and r["rows_per_second"] > 0 for r in results)
