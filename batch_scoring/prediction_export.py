@@ -1,18 +1,19 @@
 """The prediction log's Redis stream, copied into JSON Lines files that the log reader takes.
 
 XRANGE pages through the stream from its oldest entry (or after a given entry id) and each
-record is written as it is stored, one per line. A file is written as `.jsonl.open` and renamed
-`.jsonl` once complete, like the service's own files, so an interrupted export leaves no file the
-reader would take for whole. The last entry id copied is returned: pass it as `after` next time
-to copy only newer entries. The stream itself is left as it is (its length is bounded by the
-service's approximate MAXLEN).
+record is written as it is stored, one per line, through the service's own JsonLinesSink: a file
+is written as `.jsonl.open` and renamed `.jsonl` once complete, so an interrupted export leaves
+no file the reader would take for whole. The last entry id copied is returned: pass it as
+`after` next time to copy only newer entries. The stream itself is left as it is (its length is
+bounded by the service's approximate MAXLEN).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import redis
 from redis.exceptions import RedisError
@@ -20,10 +21,11 @@ from tqdm import tqdm
 
 from batch_scoring.errors import BatchError
 from batch_scoring.features import _redacted
-from service.prediction_sinks import CLOSED_SUFFIX, OPEN_SUFFIX, STREAM_FIELD
+from service.prediction_sinks import STREAM_FIELD, JsonLinesSink
 
 PAGE_ENTRIES = 1_000
 FILE_RECORDS = 100_000
+UNBOUNDED = 1 << 62  # files close by record count only
 
 
 @dataclass(frozen=True)
@@ -42,35 +44,6 @@ def _next_id(entry_id: str) -> str:
     return f"{milliseconds}-{int(sequence or 0) + 1}"
 
 
-class _Files:
-    """Records into files of at most `limit` records, each renamed to .jsonl once full."""
-
-    def __init__(self, output: Path, limit: int) -> None:
-        self.output, self.limit = output, limit
-        self.closed: list[Path] = []
-        self._handle: IO[bytes] | None = None
-        self._path: Path | None = None
-        self._count = 0
-
-    def write(self, entry_id: str, line: bytes) -> None:
-        if self._handle is None:
-            self._path = self.output / f"predictions-stream-{entry_id}{OPEN_SUFFIX}"
-            self._handle = self._path.open("wb")
-        self._handle.write(line + b"\n")
-        self._count += 1
-        if self._count >= self.limit:
-            self.close()
-
-    def close(self) -> None:
-        if self._handle is None or self._path is None:
-            return
-        self._handle.close()
-        final = self._path.with_name(self._path.name.removesuffix(OPEN_SUFFIX) + CLOSED_SUFFIX)
-        self._path.replace(final)
-        self.closed.append(final)
-        self._handle, self._path, self._count = None, None, 0
-
-
 def export_stream(
     url: str,
     key: str,
@@ -82,9 +55,14 @@ def export_stream(
     progress: bool = True,
 ) -> ExportSummary:
     """Copy the entries of stream `key` (after entry id `after`) into files under `output`."""
+    try:
+        # The service's own sink: the same names, the same .jsonl.open -> .jsonl rename.
+        files = JsonLinesSink(
+            output, max_file_bytes=UNBOUNDED, rotate_seconds=math.inf, max_file_rows=file_records
+        )
+    except OSError as exc:
+        raise BatchError(f"{output}: cannot write the export: {exc}") from exc
     client = redis.Redis.from_url(url, socket_timeout=30.0)
-    output.mkdir(parents=True, exist_ok=True)
-    files = _Files(output, file_records)
     records = skipped = 0
     last_id: str | None = None
     start = "-" if after is None else _next_id(after)
@@ -101,7 +79,7 @@ def export_stream(
                     if line is None:
                         skipped += 1
                     else:
-                        files.write(last_id, line)
+                        files.write([line], 1)
                         records += 1
                 bar.update(len(entries))
                 if len(entries) < page or last_id is None:
@@ -114,4 +92,4 @@ def export_stream(
         raise BatchError(f"{output}: cannot write the export: {exc}") from exc
     finally:
         client.close()
-    return ExportSummary(records, files.closed, last_id, skipped)
+    return ExportSummary(records, files.closed_files, last_id, skipped)

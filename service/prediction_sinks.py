@@ -48,10 +48,10 @@ class _OpenFile:
 class JsonLinesSink:
     """Appends records to `<dir>/predictions-<UTC time>-<host>-<pid>-<n>.jsonl.open`.
 
-    A file is closed, renamed to `.jsonl`, once it holds `max_file_bytes` or is
-    `rotate_seconds` old: readers take `.jsonl` files only, so they never see a half-written
-    line. Each batch goes to the OS at once (no buffer), so a crash loses at most what was
-    queued, and a failed write is cut back off the file.
+    A file is closed, renamed to `.jsonl`, once it holds `max_file_bytes` (or `max_file_rows`,
+    when set) or is `rotate_seconds` old: readers take `.jsonl` files only, so they never see a
+    half-written line. Each batch goes to the OS at once (no buffer), so a crash loses at most
+    what was queued, and a failed write is cut back off the file.
     With `max_files` > 0 the oldest closed files this process wrote are deleted beyond that
     many, and `on_expired(rows)` counts the candidate rows they held.
     """
@@ -62,12 +62,14 @@ class JsonLinesSink:
         *,
         max_file_bytes: int,
         rotate_seconds: float,
+        max_file_rows: int = 0,
         max_files: int = 0,
         on_expired: Callable[[int], None] = lambda rows: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
         self._max_file_bytes = max_file_bytes
+        self._max_file_rows = max_file_rows
         self._rotate_seconds = rotate_seconds
         self._max_files = max_files
         self._on_expired = on_expired
@@ -93,7 +95,7 @@ class JsonLinesSink:
             raise
         current.bytes += len(payload)
         current.rows += rows
-        if current.bytes >= self._max_file_bytes:
+        if current.bytes >= self._max_file_bytes or 0 < self._max_file_rows <= current.rows:
             self._rotate()
 
     def tick(self) -> None:
@@ -104,6 +106,11 @@ class JsonLinesSink:
     def close(self) -> None:
         if self._file is not None:
             self._rotate()
+
+    @property
+    def closed_files(self) -> list[Path]:
+        """The files closed so far and still kept, oldest first."""
+        return [path for path, _ in self._closed]
 
     def _open(self) -> _OpenFile:
         now = self._clock()
