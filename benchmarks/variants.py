@@ -5,9 +5,11 @@
     python -m benchmarks.variants --repository model_repository --name pcvr --versions 1 2 3
 
 Trains the fp32 full-rank baseline, low-rank variants and one with a narrower deep tower on
-the same rows; publishes each, and its int8 export, as an ordinary model version through
-`adscore train`'s own code; then times all of them with onnxruntime on one thread, batch 256,
-interleaved round by round so that a noisy neighbour slows every variant alike. Quality comes
+the same rows; publishes each, its int8 export, and both again as request-once exports (the
+user and context part of the first layers computed once per request), as ordinary model
+versions through `adscore train`'s own code; then times all of them with onnxruntime on one
+thread on one request of 256 candidates (one user, one context), interleaved round by round so
+that a noisy neighbour slows every variant alike. Quality comes
 from each version's metadata.json: held-out AUC, log loss and calibration error on the very
 same test rows. With --versions it benchmarks versions published earlier (by `adscore train`,
 on one plan) instead of training. Writes variants.md and variants.json to --out.
@@ -41,10 +43,11 @@ ARCHITECTURES: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (64, None),
     (32, None),
     (32, (128, 64)),
+    (16, (32, 16)),
 )
 """(cross rank, deep tower widths) trained; None: full rank, the default tower. Each is
-published in fp32 and int8. The narrower tower is there because on this model the deep tower,
-not the cross layers, holds half the multiply-adds."""
+published in fp32 and int8, flat and request-once. The narrower towers are there because on
+this model the deep tower, not the cross layers, holds half the multiply-adds."""
 TARGETS = ((2.0, 0.001, 0.002), (3.5, 0.003, None))
 """(speed-up, largest AUC loss, largest |ECE change|) of the issue's two targets."""
 
@@ -83,8 +86,11 @@ def _train_and_publish(args: argparse.Namespace, repository: ModelRepository) ->
         trained = run_training(
             dataclasses.replace(plan, dcn=dcn), data=data, progress=not args.quiet
         )
-        published = publish_variants(trained, repository, args.name, ("none", "int8"))
-        versions += [metadata.version for metadata in published]
+        for request_once in (False, True):
+            published = publish_variants(
+                trained, repository, args.name, ("none", "int8"), request_once=request_once
+            )
+            versions += [metadata.version for metadata in published]
     for seed in range(1, args.noise_seeds + 1):
         print(f"training the baseline again with seed {seed} (training noise)", flush=True)
         reseeded = dataclasses.replace(
@@ -125,14 +131,16 @@ def _load(repository: ModelRepository, name: str, versions: Sequence[int]) -> li
 
 
 def _timing_inputs(variants: list[Variant], batch: int) -> ModelInputs:
-    """`batch` rows of the baseline's synthetic world, drawn like its test rows."""
+    """One request of `batch` candidates from the baseline's synthetic world: rows drawn like
+    its test rows, all with the first row's user and context, as the service lays them out."""
     from models.pipeline import build_rows
+    from models.request_once import request_shaped
     from models.synthetic import world_for_model
 
     metadata = variants[0].metadata
     world = world_for_model(metadata.dataset, metadata.spec().fingerprint())
     rate = float(metadata.training.get("missing_entity_rate", 0.01))
-    return build_rows(world, batch, 99, rate).inputs
+    return request_shaped(build_rows(world, batch, 99, rate).inputs, metadata.spec(), batch)
 
 
 def measure_speed(
@@ -183,6 +191,7 @@ def _row(variant: Variant, baseline: Variant, speed: dict[str, float]) -> dict[s
         "cross_rank": variant_info.get("cross_rank"),
         "mlp_layers": variant_info.get("mlp_layers"),
         "quantization": variant_info.get("quantization", "none"),
+        "request_once": bool(variant_info.get("request_once", False)),
         "init_seed": variant.metadata.training.get("init_seed", 0),
         "auc": m["auc"],
         "auc_delta": m["auc"] - b["auc"],
@@ -204,14 +213,23 @@ def _row(variant: Variant, baseline: Variant, speed: dict[str, float]) -> dict[s
 
 
 def _multiply_adds(metadata: ModelMetadata) -> int:
+    """Per candidate; a request-once variant's request part is left out (done once)."""
     from models.dcn import DCNConfig
+    from models.request_once import REQUEST_SOURCES
 
     architecture = dict(metadata.training["architecture"])
     architecture["mlp_layers"] = tuple(architecture["mlp_layers"])
+    config = DCNConfig(**architecture)
     spec = metadata.spec()
-    return DCNConfig(**architecture).multiply_adds(
-        len(spec.categorical_names), len(spec.dense_names)
-    )
+    total = config.multiply_adds(len(spec.categorical_names), len(spec.dense_names))
+    if not metadata.training.get("variant", {}).get("request_once"):
+        return total
+    request_width = sum(
+        config.embedding_dim for f in spec.categorical() if f.source in REQUEST_SOURCES
+    ) + sum(1 for f in spec.dense() if f.source in REQUEST_SOURCES)
+    width = len(spec.categorical_names) * config.embedding_dim + len(spec.dense_names)
+    first_cross = config.cross_rank or width
+    return total - request_width * (first_cross + config.mlp_layers[0])
 
 
 def target_lines(rows: list[dict[str, Any]], noise: float | None) -> list[str]:
@@ -254,7 +272,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "",
         f"Training rows {result['plan']['rows']:,}, held-out test rows "
         f"{result['plan']['test_rows']:,} (the same for every variant). Speed: onnxruntime "
-        f"{result['onnxruntime']}, 1 intra-op thread, batch {result['batch']}, median of "
+        f"{result['onnxruntime']}, 1 intra-op thread, one request of {result['batch']} "
+        "candidates per call, median of "
         f"{result['rounds']} interleaved rounds x {result['calls']} calls; speed-up is the median "
         f"of per-round ratios (a retrained baseline, if listed, shows the timing noise). CPU: "
         f"{result['cpu']}.",

@@ -34,6 +34,15 @@ class ModelInputs:
         return {DENSE_INPUT: self.dense, IDS_INPUT: self.ids}
 
 
+def concatenate_inputs(parts: Sequence[ModelInputs]) -> ModelInputs:
+    """The rows of several inputs, one after another (a micro-batch, or rows of two kinds)."""
+    if len(parts) == 1:
+        return parts[0]
+    return ModelInputs(
+        np.concatenate([p.dense for p in parts]), np.concatenate([p.ids for p in parts])
+    )
+
+
 def _fill(
     out: npt.NDArray[np.float32] | npt.NDArray[np.int64],
     blocks: Sequence[npt.NDArray[np.float32] | npt.NDArray[np.int32]],

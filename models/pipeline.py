@@ -25,7 +25,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, assemble_inputs
+from feature_client.assembly import (
+    DENSE_INPUT,
+    IDS_INPUT,
+    LOGIT_OUTPUT,
+    assemble_inputs,
+    concatenate_inputs,
+)
 from feature_client.reference import DriftReference, build_reference
 from feature_client.spec import FeatureSpec
 from models.calibration import fit_platt
@@ -33,6 +39,8 @@ from models.dcn import DCNConfig, DCNv2, LogisticRegression
 from models.evaluation import expected_calibration_error, log_loss, roc_auc
 from models.export import Parity, check_parity, export_onnx, first_rows, onnx_logits, signature
 from models.quantize import QUANTIZATIONS, batch_parity, quantize_int8
+from models.request_once import SUFFIX as REQUEST_ONCE_SUFFIX
+from models.request_once import RequestOnceDCN, request_shaped
 from models.synthetic import SyntheticConfig, SyntheticWorld
 from models.train import FitConfig, FitReport, LabelledRows, fit, predict_logits
 from service.calibration import Calibration
@@ -41,6 +49,8 @@ from service.repository import ModelRepository
 
 GOLDEN_ROWS = 8
 PARITY_ROWS = 4096
+REQUEST_SHAPED_CANDIDATES = 64
+"""Rows per request in the request-shaped half of a request-once export's parity rows."""
 
 
 @dataclass(frozen=True)
@@ -307,13 +317,13 @@ def _quantized(trained: TrainedModel, fp32_path: Path, int8_path: Path) -> Publi
     return Published(calibration, metrics, parity)
 
 
-def variant_name(dcn: DCNConfig, quantization: str) -> str:
-    """A short label: dcn-v2, dcn-v2-r64, dcn-v2-int8, dcn-v2-r32-mlp128x64-int8."""
+def variant_name(dcn: DCNConfig, quantization: str, request_once: bool = False) -> str:
+    """A short label: dcn-v2, dcn-v2-r64, dcn-v2-int8, dcn-v2-r32-mlp128x64-int8-request-once."""
     rank = f"-r{dcn.cross_rank}" if dcn.cross_rank else ""
     default_mlp = DCNConfig().mlp_layers
     mlp = "" if dcn.mlp_layers == default_mlp else "-mlp" + "x".join(map(str, dcn.mlp_layers))
     precision = "" if quantization == "none" else f"-{quantization}"
-    return f"dcn-v2{rank}{mlp}{precision}"
+    return f"dcn-v2{rank}{mlp}{precision}{REQUEST_ONCE_SUFFIX if request_once else ''}"
 
 
 def export_and_publish(
@@ -323,13 +333,17 @@ def export_and_publish(
     *,
     activate: bool = True,
     quantization: str = "none",
+    request_once: bool = False,
 ) -> ModelMetadata:
     """Export to ONNX, check parity, and publish a new version with its metadata.
 
     `quantization="int8"` publishes the dynamically quantized export instead, recalibrated on
     its own outputs; its parity is its own batch-of-one vs batched output (see batch_parity).
+    `request_once` exports the model as a RequestOnceDCN (models/request_once.py).
     """
-    (metadata,) = publish_variants(trained, repository, name, [quantization], activate=activate)
+    (metadata,) = publish_variants(
+        trained, repository, name, [quantization], activate=activate, request_once=request_once
+    )
     return metadata
 
 
@@ -340,20 +354,29 @@ def publish_variants(
     quantizations: Sequence[str],
     *,
     activate: bool = False,
+    request_once: bool = False,
 ) -> list[ModelMetadata]:
-    """Export once (the slow step), then publish one version per quantization, in order."""
+    """Export once (the slow step), then publish one version per quantization, in order.
+
+    With `request_once` the export is the model's RequestOnceDCN re-parameterisation, and
+    parity compares it with the trained model on test rows and on request-shaped rows too.
+    """
     for quantization in quantizations:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    parity_rows = first_rows(trained.test.inputs, PARITY_ROWS)
+    exported = trained.model
+    if request_once:
+        if not isinstance(trained.model, DCNv2):
+            raise ValueError("--request-once needs a DCN-v2 model")
+        exported = RequestOnceDCN(trained.model, trained.spec).eval()
+        parity_rows = concatenate_inputs(
+            [parity_rows, request_shaped(parity_rows, trained.spec, REQUEST_SHAPED_CANDIDATES)]
+        )
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "model.onnx"
-        export_onnx(trained.model, trained.test.inputs, fp32_path)
-        parity = check_parity(
-            trained.model,
-            fp32_path,
-            first_rows(trained.test.inputs, PARITY_ROWS),
-            trained.calibration,
-        )
+        export_onnx(exported, trained.test.inputs, fp32_path)
+        parity = check_parity(trained.model, fp32_path, parity_rows, trained.calibration)
         published = []
         for quantization in quantizations:
             if quantization == "int8":
@@ -365,9 +388,23 @@ def publish_variants(
                     Published(trained.calibration, trained.metrics, parity),
                 )
             published.append(
-                _publish(trained, repository, name, onnx_path, variant, quantization, activate)
+                _publish(
+                    trained,
+                    repository,
+                    name,
+                    onnx_path,
+                    variant,
+                    _Variant(quantization, request_once),
+                    activate,
+                )
             )
         return published
+
+
+@dataclass(frozen=True)
+class _Variant:
+    quantization: str
+    request_once: bool
 
 
 def _publish(
@@ -376,7 +413,7 @@ def _publish(
     name: str,
     onnx_path: Path,
     published: Published,
-    quantization: str,
+    variant: _Variant,
     activate: bool,
 ) -> ModelMetadata:
     spec = trained.spec
@@ -388,7 +425,7 @@ def _publish(
         version=1,  # the repository assigns the real number
         created_at=datetime.now(UTC),
         sha256="",  # the repository computes it from the stored file
-        architecture=variant_name(plan.dcn, quantization),
+        architecture=variant_name(plan.dcn, variant.quantization, variant.request_once),
         inputs=inputs,
         outputs=outputs,
         feature_spec=spec.to_dict(),
@@ -408,7 +445,8 @@ def _publish(
             "variant": {
                 "cross_rank": plan.dcn.cross_rank,
                 "mlp_layers": list(plan.dcn.mlp_layers),
-                "quantization": quantization,
+                "quantization": variant.quantization,
+                "request_once": variant.request_once,
             },
             "fit": asdict(plan.fit),
             "best_epoch": trained.model_report.best_epoch_fraction,

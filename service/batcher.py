@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
-from feature_client.assembly import ModelInputs
+from feature_client.assembly import ModelInputs, concatenate_inputs
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.runtime import ModelRuntime
 
@@ -197,13 +197,7 @@ class MicroBatcher:
         self._busy += 1
         for waiting in batch:
             self._metrics.queue_seconds.observe(now - waiting.enqueued)
-        if len(batch) == 1:
-            inputs = batch[0].inputs
-        else:
-            inputs = ModelInputs(
-                np.concatenate([w.inputs.dense for w in batch]),
-                np.concatenate([w.inputs.ids for w in batch]),
-            )
+        inputs = concatenate_inputs([w.inputs for w in batch])
         self._metrics.batch_rows.observe(len(inputs))
         self._metrics.batch_requests.observe(len(batch))
         loop = asyncio.get_running_loop()

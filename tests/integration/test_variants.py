@@ -71,6 +71,7 @@ def test_int8_metadata_records_the_variant_and_its_quality(
         "cross_rank": None,
         "mlp_layers": [256, 128, 64],
         "quantization": "int8",
+        "request_once": False,
     }
     assert (metadata.inputs, metadata.outputs) == (fp32.inputs, fp32.outputs)
     m = metadata.metrics
@@ -122,18 +123,29 @@ def test_quick_benchmark_publishes_variants_and_writes_its_table(tmp_path: Path)
     assert "Command: `python -m benchmarks.variants --quick" in table
     result = json.loads((out / "variants.json").read_text())
     labels = [r["variant"] for r in result["variants"]]
-    fp32 = ["dcn-v2", "dcn-v2-r64", "dcn-v2-r32", "dcn-v2-r32-mlp128x64"]
-    assert labels == [name for base in fp32 for name in (base, f"{base}-int8")]
+    fp32 = ["dcn-v2", "dcn-v2-r64", "dcn-v2-r32", "dcn-v2-r32-mlp128x64", "dcn-v2-r16-mlp32x16"]
+    suffixes = ("", "-int8", "-request-once", "-int8-request-once")
+    assert labels == [base + suffix for base in fp32 for suffix in suffixes]
+    rows = {r["variant"]: r for r in result["variants"]}
     for row in result["variants"]:
         assert f"| {row['variant']} | {row['version']} |" in table
         assert row["candidates_per_second"] > 0 and 0.5 < row["auc"] < 1
     assert result["variants"][0]["speedup"] == 1.0
-    # Each variant is an ordinary version: the low-rank int8 one loads with every check.
+    for base in fp32:  # the same model: the same quality, less work per candidate
+        flat, once = rows[base], rows[f"{base}-request-once"]
+        assert once["request_once"] and not flat["request_once"]
+        assert once["auc"] == pytest.approx(flat["auc"], abs=1e-5)
+        assert once["multiply_adds"] < flat["multiply_adds"]
+    # Each variant is an ordinary version: the low-rank int8 request-once one loads with every
+    # check.
     repository = ModelRepository(root)
-    low_rank = repository.read_metadata("pcvr-variants", result["variants"][3]["version"])
+    low_rank = repository.read_metadata(
+        "pcvr-variants", rows["dcn-v2-r64-int8-request-once"]["version"]
+    )
     assert low_rank.training["variant"] == {
         "cross_rank": 64,
         "mlp_layers": [256, 128, 64],
         "quantization": "int8",
+        "request_once": True,
     }
     load_version(repository, "pcvr-variants", low_rank.version, Settings())
