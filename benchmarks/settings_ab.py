@@ -3,11 +3,16 @@
     python -m benchmarks.settings_ab --candidates 256 --rate 100 --rounds 3 --seconds 10 \\
         --variant "drift off:drift_sample_rate=0" --variant "drift 5%:drift_sample_rate=0.05"
 
+    python -m benchmarks.settings_ab --candidates 256 --connections 16 --rounds 3 \
+        --variant "flat:model_repository=REPO_A" --variant "request-once:model_repository=REPO_B"
+
 Each variant is `label:setting=value[,setting=value...]` (settings as in README, Configuration,
 without the ADSCORE_ prefix). One private redis-server with the harness's population; for each
 round, each variant gets a fresh `adscore serve`, a 2 s warm-up, then `--seconds` of Poisson
-arrivals at `--rate`. Prints and writes (to --out) the medians over rounds: p50, p99, server CPU
-per request and refusals.
+arrivals at `--rate` or, with `--connections`, of a closed loop (wrk: maximum throughput).
+Prints and writes (to --out) the medians over rounds: requests/s, p50, p99, server CPU per
+request and refusals, and each variant's requests/s over the first's (median of per-round
+ratios, so that the machine's drift cancels out).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from statistics import median
 from typing import Any
 
 from benchmarks import population, servers
-from benchmarks.measure import open_loop_point
+from benchmarks.measure import closed_loop_point, open_loop_point
 from feature_client.redis_server import LocalRedisServer
 from service.repository import ModelRepository
 
@@ -52,12 +57,19 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         for index in range(args.rounds):
             for label, settings in args.variant:
                 with servers.adscore(DEMO, redis.url, Path(tmp) / "adscore.log", **settings) as s:
-                    open_loop_point(s, calls, args.rate, 2.0)  # warm-up
-                    row = open_loop_point(s, calls, args.rate, args.seconds)
+                    if args.connections:
+                        folder = Path(tmp) / "wrk"
+                        folder.mkdir(exist_ok=True)
+                        closed_loop_point(s, calls, folder, args.connections, 2.0)  # warm-up
+                        row = closed_loop_point(s, calls, folder, args.connections, args.seconds)
+                        row["rejected"] = row["errors"]
+                    else:
+                        open_loop_point(s, calls, args.rate, 2.0)  # warm-up
+                        row = open_loop_point(s, calls, args.rate, args.seconds)
                 rounds[label].append(row)
                 print(
-                    f"round {index + 1} {label}: p50 {row['p50_ms']:.1f} ms, "
-                    f"p99 {row['p99_ms']:.1f} ms",
+                    f"round {index + 1} {label}: {row['requests_per_second']:.0f} requests/s, "
+                    f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms",
                     flush=True,
                 )
     return rounds
@@ -67,9 +79,17 @@ def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     def mid(rows: list[dict[str, Any]], key: str) -> float:
         return float(median(r[key] for r in rows))
 
+    first = next(iter(rounds.values()))
     return [
         {
             "variant": label,
+            "requests_per_second": mid(rows, "requests_per_second"),
+            "throughput_ratio": float(
+                median(
+                    r["requests_per_second"] / max(f["requests_per_second"], 1e-9)
+                    for r, f in zip(rows, first, strict=True)
+                )
+            ),
             "p50_ms": mid(rows, "p50_ms"),
             "p99_ms": mid(rows, "p99_ms"),
             "server_cpu_ms_per_request": mid(rows, "server_cpu_ms_per_request"),
@@ -84,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", type=parse_variant, action="append", required=True)
     parser.add_argument("--candidates", type=int, default=256)
     parser.add_argument("--rate", type=float, default=100.0, help="requests/s (open loop)")
+    parser.add_argument(
+        "--connections", type=int, help="closed loop with this many connections instead"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--users", type=int, default=100_000)
@@ -98,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "settings_ab.json").write_text(json.dumps(result, indent=2))
     for row in table:
         print(
-            f"{row['variant']}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+            f"{row['variant']}: {row['requests_per_second']:.0f} requests/s "
+            f"({row['throughput_ratio']:.2f}x), p50 {row['p50_ms']:.2f} ms, "
+            f"p99 {row['p99_ms']:.2f} ms, "
             f"server CPU {row['server_cpu_ms_per_request']:.3f} ms/request, "
             f"refused {row['rejected']:.0f}"
         )

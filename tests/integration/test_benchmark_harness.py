@@ -263,3 +263,37 @@ def test_log_reading_benchmark_reads_back_every_row_it_wrote() -> None:
     results = log_reading.measure(rows=2_000, candidates=20)
     assert [(r["rows"], r["inputs_kept"]) for r in results] == [(2_000, True), (2_000, False)]
     assert all(r["bytes"] > 0 and r["rows_per_second"] > 0 for r in results)
+
+
+def test_settings_ab_closed_loop_reports_throughput_against_the_first_variant(
+    tmp_path: Path,
+) -> None:
+    code = settings_ab.main(
+        ["--variant", "a:drift_sample_rate=0", "--variant", "b:drift_sample_rate=0",
+         "--candidates", "8", "--connections", "4", "--rounds", "1", "--seconds", "1",
+         "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    first, second = orjson.loads((tmp_path / "settings_ab.json").read_bytes())["medians"]
+    assert first["throughput_ratio"] == 1.0 and first["requests_per_second"] > 0
+    expected = second["requests_per_second"] / first["requests_per_second"]
+    assert second["throughput_ratio"] == pytest.approx(expected)
+
+
+def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
+    def rounds(*rates: float) -> list[dict[str, float]]:
+        return [
+            {
+                "requests_per_second": r,
+                "p50_ms": 1.0,
+                "p99_ms": 2.0,
+                "server_cpu_ms_per_request": 0.5,
+                "rejected": 0.0,
+            }
+            for r in rates
+        ]
+
+    # The machine slows down in round 3: both variants drop, their ratio does not.
+    table = settings_ab.summary({"a": rounds(100, 100, 50), "b": rounds(110, 120, 60)})
+    assert [row["throughput_ratio"] for row in table] == [1.0, pytest.approx(1.2)]
+    assert table[1]["requests_per_second"] == 110
