@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from feature_client.ad_cache import AdFeatureCache, CachingFeatureStore
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_store import RedisFeatureStore
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, SchemaStamp
@@ -79,6 +80,15 @@ def build_store(settings: Settings) -> FeatureStore:
         settings.feature_timeout_ms / 1000,
         settings.feature_reads_in_flight,
     )
+
+
+def with_ad_cache(store: FeatureStore, settings: Settings, metrics: Metrics) -> FeatureStore:
+    """`store` behind the hot-ad cache when ad_feature_cache_seconds is set."""
+    if settings.ad_feature_cache_seconds <= 0:
+        return store
+    cache = AdFeatureCache(settings.ad_feature_cache_seconds, settings.ad_feature_cache_entries)
+    metrics.ad_cache.source = lambda: cache
+    return CachingFeatureStore(store, cache)
 
 
 def schema_reader(store: FeatureStore) -> Callable[[], Awaitable[SchemaStamp | None]]:
@@ -154,7 +164,9 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
                 "AUTHENTICATION IS OFF: anyone who reaches this port can score and change "
                 "models. Set ADSCORE_AUTH_ENABLED=true and ADSCORE_API_KEYS_FILE in production."
             )
-        feature_store = store if store is not None else build_store(settings)
+        feature_store = with_ad_cache(
+            store if store is not None else build_store(settings), settings, metrics
+        )
         async with AsyncExitStack() as cleanup:
             cleanup.push_async_callback(feature_store.close)
             manager = await start_models(settings, feature_store, metrics)

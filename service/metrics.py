@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.batcher import BatchMetrics
 
 if TYPE_CHECKING:
+    from feature_client.ad_cache import AdFeatureCache
     from service.drift import VersionDrift
 
 # Seconds; dense between 1 and 50 ms, where a scoring request lives.
@@ -31,6 +32,41 @@ STAGE_BUCKETS = (
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STAGES = ("feature_fetch", "input_assembly", "inference", "response")
+
+
+class AdCacheCollector(Collector):
+    """The hot-ad cache's lookups and size, read from the cache at scrape time (absent while
+    the cache is off)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], AdFeatureCache | None] = lambda: None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def _families(self) -> list[Metric]:
+        return [
+            CounterMetricFamily(
+                "adscore_ad_feature_cache_lookups",
+                "Ad feature lookups answered from the process's hot-ad cache (hit) or sent to "
+                "the feature store (miss).",
+                labels=["result"],
+            ),
+            GaugeMetricFamily(
+                "adscore_ad_feature_cache_entries", "Ad vectors held in the hot-ad cache."
+            ),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.source()
+        if cache is None:
+            return iter(())
+        lookups, entries = self._families()
+        assert isinstance(lookups, CounterMetricFamily) and isinstance(entries, GaugeMetricFamily)
+        lookups.add_metric(["hit"], cache.counts.hits)
+        lookups.add_metric(["miss"], cache.counts.misses)
+        entries.add_metric([], len(cache))
+        return iter((lookups, entries))
 
 
 class DriftCollector(Collector):
@@ -287,6 +323,8 @@ class Metrics:
         )
         self.drift = DriftCollector()
         registry.register(self.drift)
+        self.ad_cache = AdCacheCollector()
+        registry.register(self.ad_cache)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for outcome in ("written", "dropped", "failed", "expired"):

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     feature_reads_in_flight: int = Field(2, ge=1, le=64)
     """MGETs to Redis at once; concurrent requests' keys are merged into them (more for a remote
     or clustered Redis, where round trips dominate)."""
+    ad_feature_cache_seconds: float = Field(0.0, ge=0)
+    """Keep ads' feature vectors in the process for at most this long after reading them, so
+    that hot ads are not read from Redis by every request (0: off). Ad features then reach
+    scoring up to this late; users and absent ads are always read from the store."""
+    ad_feature_cache_entries: int = Field(200_000, ge=2)
+    """Most ad vectors the cache holds (about 100 bytes each for the demo spec)."""
     on_feature_store_error: Literal["degrade", "fail"] = "degrade"
     """When the store fails: score on defaults with degraded=true, or answer 503."""
     breaker_failure_threshold: int = Field(5, ge=1)

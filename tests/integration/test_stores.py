@@ -1,4 +1,5 @@
-"""One contract, two stores: the in-process store must behave like Redis."""
+"""One contract, three stores: the in-process store and the hot-ad cache in front of Redis
+must behave like Redis."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from feature_client.ad_cache import AdFeatureCache, CachingFeatureStore
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_server import free_port
 from feature_client.redis_store import RedisFeatureStore
@@ -13,13 +15,15 @@ from feature_client.store import FeatureStore, FeatureStoreUnavailable, SchemaSt
 from tests.fixtures import tiny_spec
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis+ad-cache"])
 async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[FeatureStore]:
     feature_store: FeatureStore = (
         InMemoryFeatureStore("t")
         if request.param == "memory"
         else RedisFeatureStore.from_url(redis_url, "t", timeout_seconds=2.0)
     )
+    if request.param.endswith("+ad-cache"):
+        feature_store = CachingFeatureStore(feature_store, AdFeatureCache(60.0, 100_000))
     yield feature_store
     await feature_store.close()
 
