@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+import httpx
+import numpy as np
 
 from benchmarks import population, servers
 from benchmarks.measure import closed_loop_point, open_loop_point
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     world = population.bench_world(metadata, args.users, args.ads)
     calls = population.request_mix(world, args.requests, candidates=args.candidates)
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.variant}
+    starts = [int(x) for x in np.random.default_rng(0).integers(0, len(calls), args.rounds)]
     with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         population.load_population(redis.url, world, metadata.spec())
         for index in range(args.rounds):
@@ -60,12 +65,25 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                     if args.connections:
                         folder = Path(tmp) / "wrk"
                         folder.mkdir(exist_ok=True)
-                        closed_loop_point(s, calls, folder, args.connections, 2.0)  # warm-up
-                        row = closed_loop_point(s, calls, folder, args.connections, args.seconds)
+                        # Every variant of a round gets the same requests, and the measured
+                        # ones are not the warm-up's again (a cache would notice).
+                        start = starts[index]
+                        closed_loop_point(s, calls, folder, args.connections, 2.0, start)
+                        before = ad_cache_lookups(s.port)
+                        row = closed_loop_point(
+                            s,
+                            calls,
+                            folder,
+                            args.connections,
+                            args.seconds,
+                            start + len(calls) // 2,
+                        )
                         row["rejected"] = row["errors"]
                     else:
                         open_loop_point(s, calls, args.rate, 2.0)  # warm-up
+                        before = ad_cache_lookups(s.port)
                         row = open_loop_point(s, calls, args.rate, args.seconds)
+                    row["ad_cache_hit_rate"] = hit_rate(before, ad_cache_lookups(s.port))
                 rounds[label].append(row)
                 print(
                     f"round {index + 1} {label}: {row['requests_per_second']:.0f} requests/s, "
@@ -73,6 +91,26 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                     flush=True,
                 )
     return rounds
+
+
+def ad_cache_lookups(port: int) -> tuple[float, float] | None:
+    """(hits, misses) of the service's hot-ad cache so far; None when the cache is off."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    counts = dict(
+        re.findall(
+            r'^adscore_ad_feature_cache_lookups_total\{result="(\w+)"\} (\S+)$', text, re.MULTILINE
+        )
+    )
+    if not counts:
+        return None
+    return float(counts.get("hit", 0)), float(counts.get("miss", 0))
+
+
+def hit_rate(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None:
+        return None
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return hits / (hits + misses) if hits + misses else None
 
 
 def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -94,6 +132,11 @@ def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "p99_ms": mid(rows, "p99_ms"),
             "server_cpu_ms_per_request": mid(rows, "server_cpu_ms_per_request"),
             "rejected": mid(rows, "rejected"),
+            "ad_cache_hit_rate": (
+                mid(rows, "ad_cache_hit_rate")
+                if all(r.get("ad_cache_hit_rate") is not None for r in rows)
+                else None
+            ),
         }
         for label, rows in rounds.items()
     ]
@@ -126,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {row['p99_ms']:.2f} ms, "
             f"server CPU {row['server_cpu_ms_per_request']:.3f} ms/request, "
             f"refused {row['rejected']:.0f}"
+            + (
+                f", ad cache hit rate {row['ad_cache_hit_rate']:.1%}"
+                if row["ad_cache_hit_rate"] is not None
+                else ""
+            )
         )
     return 0
 

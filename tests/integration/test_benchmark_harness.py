@@ -269,7 +269,7 @@ def test_settings_ab_closed_loop_reports_throughput_against_the_first_variant(
     tmp_path: Path,
 ) -> None:
     code = settings_ab.main(
-        ["--variant", "a:drift_sample_rate=0", "--variant", "b:drift_sample_rate=0",
+        ["--variant", "a:drift_sample_rate=0", "--variant", "b:ad_feature_cache_seconds=30",
          "--candidates", "8", "--connections", "4", "--rounds", "1", "--seconds", "1",
          "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
     )  # fmt: skip
@@ -278,6 +278,9 @@ def test_settings_ab_closed_loop_reports_throughput_against_the_first_variant(
     assert first["throughput_ratio"] == 1.0 and first["requests_per_second"] > 0
     expected = second["requests_per_second"] / first["requests_per_second"]
     assert second["throughput_ratio"] == pytest.approx(expected)
+    # Measured from the service's own counters, over the measured requests only.
+    assert first["ad_cache_hit_rate"] is None
+    assert 0 < second["ad_cache_hit_rate"] <= 1  # 100 requests, replayed: mostly hits
 
 
 def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
