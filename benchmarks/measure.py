@@ -54,6 +54,7 @@ def closed_loop_point(
         }
         requests, generator_cpu = result.completed, result.generator_cpu_seconds
     server_cpu = servers.cpu_seconds(service.pid) - cpu
+    row["requests"] = requests
     row["candidates_per_second"] = row["requests_per_second"] * mean_size
     row["server_cpu_ms_per_request"] = server_cpu / max(1, requests) * 1000
     row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
@@ -74,6 +75,7 @@ def open_loop_point(
     server_cpu = servers.cpu_seconds(service.pid) - cpu
     return {
         "offered_per_second": rate,
+        "requests": result.completed,
         "requests_per_second": result.requests_per_second,
         "candidates_per_second": result.candidates_per_second,
         "p50_ms": result.percentile_ms(50),

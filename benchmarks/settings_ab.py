@@ -10,9 +10,10 @@ Each variant is `label:setting=value[,setting=value...]` (settings as in README,
 without the ADSCORE_ prefix). One private redis-server with the harness's population; for each
 round, each variant gets a fresh `adscore serve`, a 2 s warm-up, then `--seconds` of Poisson
 arrivals at `--rate` or, with `--connections`, of a closed loop (wrk: maximum throughput).
-Prints and writes (to --out) the medians over rounds: requests/s, p50, p99, server CPU per
-request and refusals, and each variant's requests/s over the first's (median of per-round
-ratios, so that the machine's drift cancels out).
+Prints and writes (to --out) the medians over rounds: requests/s, p50, p99, server and
+redis-server CPU per request, refusals, the hot-ad cache's hit rate when it is on, and each
+variant's requests/s over the first's (median of per-round ratios, so that the machine's drift
+cancels out).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     starts = [int(x) for x in np.random.default_rng(0).integers(0, len(calls), args.rounds)]
     with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         population.load_population(redis.url, world, metadata.spec())
+        assert redis.process is not None
+        redis_pid = redis.process.pid
         for index in range(args.rounds):
             for label, settings in args.variant:
                 with servers.adscore(DEMO, redis.url, Path(tmp) / "adscore.log", **settings) as s:
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                         start = starts[index]
                         closed_loop_point(s, calls, folder, args.connections, 2.0, start)
                         before = ad_cache_lookups(s.port)
+                        redis_cpu = servers.cpu_seconds(redis_pid)
                         row = closed_loop_point(
                             s,
                             calls,
@@ -82,8 +86,14 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                     else:
                         open_loop_point(s, calls, args.rate, 2.0)  # warm-up
                         before = ad_cache_lookups(s.port)
+                        redis_cpu = servers.cpu_seconds(redis_pid)
                         row = open_loop_point(s, calls, args.rate, args.seconds)
                     row["ad_cache_hit_rate"] = hit_rate(before, ad_cache_lookups(s.port))
+                    row["redis_cpu_ms_per_request"] = (
+                        (servers.cpu_seconds(redis_pid) - redis_cpu)
+                        / max(1, row["requests"])
+                        * 1000
+                    )
                 rounds[label].append(row)
                 print(
                     f"round {index + 1} {label}: {row['requests_per_second']:.0f} requests/s, "
@@ -131,6 +141,7 @@ def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "p50_ms": mid(rows, "p50_ms"),
             "p99_ms": mid(rows, "p99_ms"),
             "server_cpu_ms_per_request": mid(rows, "server_cpu_ms_per_request"),
+            "redis_cpu_ms_per_request": mid(rows, "redis_cpu_ms_per_request"),
             "rejected": mid(rows, "rejected"),
             "ad_cache_hit_rate": (
                 mid(rows, "ad_cache_hit_rate")
@@ -168,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({row['throughput_ratio']:.2f}x), p50 {row['p50_ms']:.2f} ms, "
             f"p99 {row['p99_ms']:.2f} ms, "
             f"server CPU {row['server_cpu_ms_per_request']:.3f} ms/request, "
+            f"Redis CPU {row['redis_cpu_ms_per_request']:.3f} ms/request, "
             f"refused {row['rejected']:.0f}"
             + (
                 f", ad cache hit rate {row['ad_cache_hit_rate']:.1%}"

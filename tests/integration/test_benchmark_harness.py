@@ -281,6 +281,7 @@ def test_settings_ab_closed_loop_reports_throughput_against_the_first_variant(
     # Measured from the service's own counters, over the measured requests only.
     assert first["ad_cache_hit_rate"] is None
     assert 0 < second["ad_cache_hit_rate"] <= 1  # 100 requests, replayed: mostly hits
+    assert first["redis_cpu_ms_per_request"] > 0
 
 
 def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
@@ -291,6 +292,7 @@ def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
                 "p50_ms": 1.0,
                 "p99_ms": 2.0,
                 "server_cpu_ms_per_request": 0.5,
+                "redis_cpu_ms_per_request": 0.1,
                 "rejected": 0.0,
             }
             for r in rates
