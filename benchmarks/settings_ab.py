@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(raw)
     table = summary(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(["python -m benchmarks.settings_ab", *raw]), "medians": table}
+    result = {
+        "command": shlex.join(["python", "-m", "benchmarks.settings_ab", *raw]),
+        "medians": table,
+    }
     (args.out / "settings_ab.json").write_text(json.dumps(result, indent=2))
     for row in table:
         print(
