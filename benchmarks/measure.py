@@ -16,21 +16,14 @@ def closed_loop_point(
     folder: Path,
     connections: int,
     seconds: float,
-    start: int = 0,
 ) -> dict[str, Any]:
-    """Maximum throughput: wrk (or the Python generator) with `connections` back to back,
-    through `calls` in order from `start` (wrk only)."""
+    """Maximum throughput: wrk (or the Python generator) with `connections` back to back."""
     sizes = [len(c.ad_ids) for c in calls]
     mean_size = sum(sizes) / len(sizes)
     cpu = servers.cpu_seconds(service.pid)
     if wrk.available():
         raw = wrk.run_wrk(
-            service.port,
-            [c.body for c in calls],
-            folder,
-            connections=connections,
-            seconds=seconds,
-            start=start,
+            service.port, [c.body for c in calls], folder, connections=connections, seconds=seconds
         )
         row: dict[str, Any] = {
             k: raw[k] for k in ("requests_per_second", "p50_ms", "p95_ms", "p99_ms")

@@ -66,29 +66,26 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         for index in range(args.rounds):
             for label, settings in args.variant:
                 with servers.adscore(DEMO, redis.url, Path(tmp) / "adscore.log", **settings) as s:
+                    # Every variant of a round gets the same requests, and the measured ones
+                    # are not the warm-up's again (a cache would notice).
+                    warm_up, measured = (
+                        rotated(calls, starts[index]),
+                        rotated(calls, starts[index] + len(calls) // 2),
+                    )
                     if args.connections:
                         folder = Path(tmp) / "wrk"
                         folder.mkdir(exist_ok=True)
-                        # Every variant of a round gets the same requests, and the measured
-                        # ones are not the warm-up's again (a cache would notice).
-                        start = starts[index]
-                        closed_loop_point(s, calls, folder, args.connections, 2.0, start)
+                        closed_loop_point(s, warm_up, folder, args.connections, 2.0)
                         before = ad_cache_lookups(s.port)
                         redis_cpu = servers.cpu_seconds(redis_pid)
-                        row = closed_loop_point(
-                            s,
-                            calls,
-                            folder,
-                            args.connections,
-                            args.seconds,
-                            start + len(calls) // 2,
-                        )
+                        row = closed_loop_point(s, measured, folder, args.connections, args.seconds)
                         row["rejected"] = row["errors"]
                     else:
-                        open_loop_point(s, calls, args.rate, 2.0)  # warm-up
+                        open_loop_point(s, warm_up, args.rate, 2.0)
                         before = ad_cache_lookups(s.port)
                         redis_cpu = servers.cpu_seconds(redis_pid)
-                        row = open_loop_point(s, calls, args.rate, args.seconds)
+                        row = open_loop_point(s, measured, args.rate, args.seconds)
+                        row["generator"] = "python open loop"
                     row["ad_cache_hit_rate"] = hit_rate(before, ad_cache_lookups(s.port))
                     row["redis_cpu_ms_per_request"] = (
                         (servers.cpu_seconds(redis_pid) - redis_cpu)
@@ -102,6 +99,12 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                     flush=True,
                 )
     return rounds
+
+
+def rotated(calls: list[population.ScoreCall], start: int) -> list[population.ScoreCall]:
+    """The same requests, in the same cyclic order, from `start`."""
+    start %= len(calls)
+    return calls[start:] + calls[:start]
 
 
 def ad_cache_lookups(port: int) -> tuple[float, float] | None:
@@ -132,6 +135,7 @@ def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [
         {
             "variant": label,
+            "generator": rows[0].get("generator"),
             "requests_per_second": mid(rows, "requests_per_second"),
             "throughput_ratio": float(
                 median(

@@ -1,6 +1,4 @@
-"""Closed-loop maximum throughput with wrk (a Lua script cycles through the request mix, from a
-given start: a run that must not replay the requests of the one before, as a cache would notice,
-starts elsewhere)."""
+"""Closed-loop maximum throughput with wrk (a Lua script cycles through the request mix)."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ function init(args)
     requests[#requests + 1] = wrk.format("POST", "/v1/score",
       {["Content-Type"] = "application/json"}, line)
   end
-  index = (tonumber(args[2]) or 0) % #requests
 end
 function request()
   index = index % #requests + 1
@@ -41,13 +38,7 @@ def available() -> bool:
 
 
 def run_wrk(
-    port: int,
-    bodies: Sequence[bytes],
-    folder: Path,
-    *,
-    connections: int,
-    seconds: float,
-    start: int = 0,
+    port: int, bodies: Sequence[bytes], folder: Path, *, connections: int, seconds: float
 ) -> dict[str, float]:
     """Requests/s, error counts, latency percentiles (ms) and wrk's own CPU seconds."""
     script = folder / "score.lua"
@@ -57,7 +48,7 @@ def run_wrk(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-         "-s", str(script), f"http://127.0.0.1:{port}", "--", str(lines), str(start)],
+         "-s", str(script), f"http://127.0.0.1:{port}", "--", str(lines)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,7 +1,7 @@
 """DCN-v2 that computes the per-request part of its first layers once per request, not per ad.
 
 Published as the `-request-once` variant (`adscore train --request-once`, or `adscore
-request-once NAME VERSION` for a published fp32 version).
+request-once --name NAME --version N` for a published fp32 version).
 
 The user's and the context's features are the same for every candidate of a request, and the
 first cross layer and the first deep layer are linear in x0: W x0 = W_r x0_r + W_c x0_c. The
@@ -35,7 +35,7 @@ from models.dcn import DCNConfig, DCNv2
 from models.export import export_onnx, onnx_logits
 from models.train import predict_logits
 from service.model_metadata import ModelMetadata
-from service.repository import ModelRepository
+from service.repository import ModelRepository, file_sha256
 
 REQUEST_SOURCES = ("user", "context")
 """Feature sources shared by all candidates of a request."""
@@ -110,8 +110,15 @@ def _runs(columns: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _select(x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-    parts = [x[:, start:stop] for start, stop in runs]
+    """The columns of `runs`, side by side (none: a zero-width slice)."""
+    parts = [x[:, start:stop] for start, stop in runs] or [x[:, :0]]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Non-empty blocks concatenated along columns (a source may lack dense or id features)."""
+    kept = [p for p in parts if p.shape[1] > 0]
+    return kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
 
 
 class RequestOnceDCN(nn.Module):
@@ -181,18 +188,19 @@ class RequestOnceDCN(nn.Module):
         mean: torch.Tensor,
         inv_std: torch.Tensor,
     ) -> torch.Tensor:
-        embedded = self.table(ids + offsets).flatten(1)
-        return torch.cat([embedded, (dense - mean) * inv_std], dim=1)
+        embedded = self.table(ids + offsets).flatten(1) if ids.shape[1] else ids[:, :0]
+        return _side_by_side([embedded, (dense - mean) * inv_std])
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         request_dense = _select(dense, self.request_dense)
         request_ids = _select(ids, self.request_ids)
         # A row starts a new request when any of its request columns differs from the row
         # before (compared as values: -0.0 == 0.0 scores the same; NaN only loses sharing).
-        changed = torch.cat(
-            [request_dense[1:] != request_dense[:-1], request_ids[1:] != request_ids[:-1]], dim=1
+        changed = _side_by_side(
+            [request_dense[1:] != request_dense[:-1], request_ids[1:] != request_ids[:-1]]
         ).any(dim=1)
-        starts = torch.cat([torch.ones(1, dtype=torch.bool), changed])
+        # Cut to the rows there are: zero rows give zero starts.
+        starts = torch.cat([torch.ones(1, dtype=torch.bool), changed])[: dense.shape[0]]
         request_index = starts.long().cumsum(0) - 1
         first_rows = starts.nonzero().squeeze(1)
 
@@ -269,25 +277,34 @@ def load_published_dcn(model_path: Path, metadata: ModelMetadata) -> DCNv2:
         raise ValueError(
             f"{metadata.name} v{metadata.version} is not a DCN-v2 ({metadata.architecture})"
         )
-    if variant.get("quantization", "none") != "none":
+    quantization = variant.get(
+        "quantization", "int8" if "-int8" in metadata.architecture else "none"
+    )
+    if quantization != "none":
         raise ValueError(
-            f"{metadata.name} v{metadata.version} is quantized ({variant['quantization']}): "
+            f"{metadata.name} v{metadata.version} is quantized ({quantization}): "
             "derive from its fp32 version, or train with --request-once --quantize int8"
         )
     if variant.get("request_once"):
         raise ValueError(
             f"{metadata.name} v{metadata.version} already computes its request part once"
         )
-    config = DCNConfig(**(architecture | {"mlp_layers": tuple(architecture["mlp_layers"])}))
+    try:
+        config = DCNConfig(**(architecture | {"mlp_layers": tuple(architecture["mlp_layers"])}))
+    except (TypeError, KeyError) as exc:
+        raise ValueError(
+            f"{metadata.name} v{metadata.version}: unreadable architecture {architecture}: {exc}"
+        ) from exc
     spec = metadata.spec()
     dense = len(spec.dense_names)
     model = DCNv2(
         spec.cardinalities, np.zeros(dense, np.float32), np.ones(dense, np.float32), config
     )
-    weights = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-        for t in onnx.load(str(model_path)).graph.initializer
-    }
+    try:
+        initializers = onnx.load(str(model_path)).graph.initializer
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... for a bad file
+        raise ValueError(f"{model_path}: not a readable ONNX file: {exc}") from exc
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in initializers}
     state = model.state_dict()
     missing = sorted(set(state) - set(weights))
     if missing:
@@ -319,10 +336,13 @@ def publish_request_once(
     repository: ModelRepository, name: str, version: int, *, activate: bool = False
 ) -> ModelMetadata:
     """Publish a request-once copy of a published fp32 DCN-v2 version: the same weights and
-    scores, so its calibration, metrics and drift reference carry over; parity is measured
-    against the source version's model.onnx on random and on request-shaped rows."""
+    scores, so its calibration, metrics, golden rows and drift reference carry over. Parity is
+    measured against the source version's model.onnx on random and on request-shaped rows, and
+    a copy that differs by more than the golden rows' tolerance is not published."""
     source = repository.read_metadata(name, version)
     source_path = repository.model_path(name, version)
+    if file_sha256(source_path) != source.sha256:
+        raise ValueError(f"{source_path}: sha256 does not match its metadata.json")
     model = load_published_dcn(source_path, source)
     spec = source.spec()
     golden = ModelInputs(
@@ -346,6 +366,12 @@ def publish_request_once(
                 np.abs(loaded - before[: len(golden)]).max()
             ),
         }
+        if not parity["max_abs_probability_diff"] <= source.golden.tolerance:
+            raise ValueError(
+                f"{name} v{version}: the request-once copy's scores differ from the source's by "
+                f"up to {parity['max_abs_probability_diff']:.2g}, more than the golden rows' "
+                f"tolerance {source.golden.tolerance:g}; nothing was published"
+            )
         variant = (
             {"quantization": "none"}
             | dict(source.training.get("variant", {}))
@@ -356,9 +382,6 @@ def publish_request_once(
                 "created_at": datetime.now(UTC),
                 "architecture": source.architecture + SUFFIX,
                 "parity": parity,
-                "golden": source.golden.model_copy(
-                    update={"probabilities": calibration.apply(after[: len(golden)]).tolist()}
-                ),
                 "training": source.training | {"variant": variant, "derived_from": version},
             }
         )

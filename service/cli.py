@@ -297,7 +297,8 @@ def cmd_request_once(args: argparse.Namespace) -> int:
         + (
             ""
             if args.activate
-            else f"; activate it with `adscore models activate {metadata.version}`"
+            else "; activate it with "
+            f"`adscore models activate --model {metadata.name} {metadata.version}`"
         )
     )
     return 0

@@ -103,6 +103,8 @@ class OnnxModelRuntime:
         return inputs, [o.name for o in self._session.get_outputs()]
 
     def predict(self, inputs: ModelInputs) -> npt.NDArray[np.float32]:
+        if len(inputs) == 0:  # nothing to score; and graphs exported for >= 1 row may fail
+            return np.zeros(0, dtype=np.float32)
         (logits,) = self._session.run(
             self._output_names, {DENSE_INPUT: inputs.dense, IDS_INPUT: inputs.ids}
         )

@@ -3,6 +3,7 @@ through the service's checks and score what their source scores."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def test_a_published_fp32_version_gets_a_request_once_copy_with_the_same_scores(
     assert copy.training["derived_from"] == trained.version
     assert copy.calibration == source.calibration and copy.metrics == source.metrics
     assert copy.drift_reference == source.drift_reference
+    assert copy.golden == source.golden  # the service checks the copy against the source's
     assert copy.parity["max_abs_logit_diff"] < 1e-4
     assert copy.parity["torch_vs_source_max_abs_logit_diff"] < 1e-4
     assert models.active_version("pcvr") != copy.version  # not activated unless asked
@@ -105,3 +107,16 @@ def test_request_once_refuses_quantized_and_request_once_sources(
     assert models.read_metadata("pcvr", models.active_version("pcvr")).training["variant"][
         "request_once"
     ]
+
+
+def test_a_source_whose_file_does_not_match_its_checksum_is_refused(
+    trained: TrainedFixture, tmp_path: Path
+) -> None:
+    root = tmp_path / "model_repository"
+    shutil.copytree(trained.repository, root)
+    models = ModelRepository(root)
+    path = models.version_dir("pcvr", trained.version) / "metadata.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        publish_request_once(models, "pcvr", trained.version)
+    assert models.versions("pcvr") == [trained.version]  # nothing published

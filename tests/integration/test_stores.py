@@ -1,5 +1,6 @@
-"""One contract, three stores: the in-process store and the hot-ad cache in front of Redis
-must behave like Redis."""
+"""One contract, three stores: the in-process store, and Redis behind the hot-ad cache, must
+answer like Redis (the cache may answer an ad overwritten in the last TTL with its earlier
+vector: tests/integration/test_ad_cache.py)."""
 
 from __future__ import annotations
 

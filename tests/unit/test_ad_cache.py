@@ -112,3 +112,29 @@ def test_the_caching_store_asks_the_store_only_for_ads_it_does_not_hold() -> Non
     assert second == RawFeatures(b"user u2", [b"vb", b"va", None])
     assert third == RawFeatures(b"user u3", [b"va", b"vb"])
     assert caching.keys == store.keys
+
+
+def test_the_ttl_counts_from_the_read_not_from_when_the_slow_read_returned() -> None:
+    clock = Clock()
+    cache = AdFeatureCache(10.0, 1000, clock)
+    read_at = clock.now + 4.0
+
+    class SlowStore(RecordingStore):
+        async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
+            clock.now += 3.0  # the read happened at the start; the answer comes 3 s later
+            return await super().fetch(user_id, ad_ids)
+
+    caching = CachingFeatureStore(SlowStore({"a": b"va"}), cache)
+    clock.now = read_at
+    asyncio.run(caching.fetch("u", ["a"]))  # read at +4 (young), stored at +7 (after a rotation)
+    found_until = 0.0
+    while clock.now < read_at + 30:
+        clock.now += 0.25
+        if cache.lookup(["a"]) == [b"va"]:
+            found_until = clock.now - read_at
+    assert 0 < found_until <= 10.0
+
+    clock.now += 100
+    stale = CachingFeatureStore(SlowStore({"a": b"va"}), AdFeatureCache(2.0, 1000, clock))
+    asyncio.run(stale.fetch("u", ["a"]))  # 3 s to answer, TTL 2 s: too old to keep at all
+    assert stale.cache.lookup(["a"]) == [None]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from feature_client.assembly import ModelInputs, concatenate_inputs
-from feature_client.spec import FeatureSpec
+from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
 from models.dcn import DCNConfig, DCNv2
+from models.export import export_onnx
 from models.request_once import RequestOnceDCN, random_rows, request_shaped
+from service.runtime import OnnxModelRuntime
 from tests.fixtures import tiny_spec
 
 CONFIGS = [
@@ -98,3 +102,31 @@ def test_a_spec_without_ad_features_is_refused() -> None:
     model = _model(users_only, CONFIGS[0])
     with pytest.raises(ValueError, match="needs both request"):
         RequestOnceDCN(model, users_only)
+
+
+def test_sources_without_dense_or_without_id_features_work() -> None:
+    spec = FeatureSpec(
+        1,
+        (
+            CategoricalFeature("user_id", "user", hash_buckets=64),  # no request dense
+            DenseFeature("ad_price", "ad", default=2.0),  # no ad ids
+            CategoricalFeature("device", "context", vocabulary=("ios", "android")),
+        ),
+    )
+    model = _model(spec, CONFIGS[0])
+    once = RequestOnceDCN(model, spec).eval()
+    inputs = _requests(model, spec, [3, 4], seed=5)
+    np.testing.assert_allclose(_logits(once, inputs), _logits(model, inputs), rtol=0, atol=1e-5)
+
+
+def test_zero_rows_give_zero_logits_in_torch_and_the_service_runtime(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    model = _model(spec, CONFIGS[1])
+    once = RequestOnceDCN(model, spec).eval()
+    rows = _requests(model, spec, [5, 3], seed=6)
+    empty = ModelInputs(rows.dense[:0], rows.ids[:0])
+    assert _logits(once, empty).shape == (0,)
+    export_onnx(once, rows, tmp_path / "model.onnx")
+    runtime = OnnxModelRuntime(tmp_path / "model.onnx")
+    assert runtime.predict(empty).shape == (0,)
+    np.testing.assert_allclose(runtime.predict(rows), _logits(model, rows), rtol=0, atol=1e-5)
