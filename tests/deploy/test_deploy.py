@@ -189,6 +189,7 @@ def scraped_service(redis_server: Any) -> Iterator[str]:
         model_repository=ROOT / "demo" / "model_repository",
         redis_url=redis_server.url,
         auth_enabled=False,
+        ad_feature_cache_seconds=10,  # its metrics exist only while it is on
     )
     server = LiveServer(create_app(settings))
     server.start()
