@@ -25,9 +25,7 @@ from benchmarks import inprocess, population, servers
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.report import write_report
 from feature_client.redis_server import LocalRedisServer
-from service.repository import ModelRepository
 
-DEMO = Path(__file__).resolve().parent.parent / "demo" / "model_repository"
 LOADS = (0.3, 0.5, 0.7, 0.9, 1.5)
 
 
@@ -65,12 +63,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16, help="closed loop (default 16)")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive service")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny and short")
+    population.add_model_flags(parser)
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.users, args.ads, args.requests = 2.0, 5_000, 10_000, 500
 
-    repository = ModelRepository(DEMO)
-    metadata = repository.read_metadata("pcvr", repository.active_version("pcvr"))
+    metadata = population.active_model(args.model_repository, args.model)
     world = population.bench_world(metadata, args.users, args.ads)
     calls = population.request_mix(world, args.requests, candidates=args.candidates)
     contexts = [orjson.loads(c.body)["context"] for c in calls]
@@ -79,6 +77,11 @@ def main() -> int:
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": _machine(),
+        "model": {
+            "name": metadata.name,
+            "version": metadata.version,
+            "architecture": metadata.architecture,
+        },
         "population": {"users": args.users, "ads": args.ads, "requests": args.requests},
         "candidates": args.candidates or "16-512 (log-uniform)",
         "mean_candidates": sum(len(c.ad_ids) for c in calls) / len(calls),
@@ -89,13 +92,24 @@ def main() -> int:
         population.load_population(redis.url, world, metadata.spec())
         print("in-process limit (2 threads, no HTTP)", flush=True)
         results["in_process"] = inprocess.in_process_limit(
-            DEMO, "pcvr", redis.url, calls, contexts, threads=2, seconds=args.seconds
+            args.model_repository,
+            args.model,
+            redis.url,
+            calls,
+            contexts,
+            threads=2,
+            seconds=args.seconds,
         )
         print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
-        with servers.adscore(DEMO, redis.url, args.out / "adscore.log") as service:
+        log = args.out / "adscore.log"
+        with servers.adscore(
+            args.model_repository, redis.url, log, model_name=args.model
+        ) as service:
             results["adscore"] = _contender("adscore", service, calls, folder, args)
         if not args.skip_naive:
-            with servers.naive(DEMO, redis.url, args.out / "naive.log") as service:
+            with servers.naive(
+                args.model_repository, redis.url, args.out / "naive.log", args.model
+            ) as service:
                 results["naive"] = _contender("naive", service, calls, folder, args)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args.out)

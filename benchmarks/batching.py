@@ -27,9 +27,6 @@ from tqdm import tqdm
 from benchmarks import population, servers
 from benchmarks.measure import closed_loop_point, open_loop_point
 from feature_client.redis_server import LocalRedisServer
-from service.repository import ModelRepository
-
-DEMO = Path(__file__).resolve().parent.parent / "demo" / "model_repository"
 
 
 def _settings(args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]:
@@ -45,8 +42,7 @@ def _settings(args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    repository = ModelRepository(DEMO)
-    metadata = repository.read_metadata("pcvr", repository.active_version("pcvr"))
+    metadata = population.active_model(args.model_repository, args.model)
     world = population.bench_world(metadata, args.users, args.ads)
     calls = population.request_mix(world, args.requests, candidates=args.candidates)
     settings = _settings(args)
@@ -59,7 +55,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repeats):
                 for label, env in settings:
                     log = Path(tmp) / "adscore.log"
-                    with servers.adscore(DEMO, redis.url, log, **env) as service:
+                    with servers.adscore(
+                        args.model_repository, redis.url, log, model_name=args.model, **env
+                    ) as service:
                         closed = closed_loop_point(
                             service, calls, Path(tmp), args.connections, args.seconds
                         )
@@ -129,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ads", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--out", type=Path, default=Path("bench-report"))
+    population.add_model_flags(parser)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     args.argv = raw

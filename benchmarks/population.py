@@ -1,6 +1,6 @@
 """The benchmark's users, ads and request mix.
 
-A synthetic world larger than the demo's (100k users, 200k ads by default), drawn with the demo
+A synthetic world larger than the demo's (100k users, 200k ads by default), drawn with the served
 model's hash buckets and vocabularies so its features encode exactly as the model expects, and
 a fixed list of requests: Zipf-popular users and ads, 16-512 candidates (log-uniform) or a fixed
 count. Every service and the in-process limit get the same requests in the same order.
@@ -8,8 +8,10 @@ count. Every service and the in-process limit get the same requests in the same 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -17,7 +19,9 @@ import orjson
 from feature_client.redis_store import RedisFeatureStore
 from feature_client.spec import FeatureSpec
 from models.synthetic import SyntheticConfig, SyntheticWorld, load_world_features
+from service.cli import DEMO_REPOSITORY
 from service.model_metadata import ModelMetadata
+from service.repository import ModelRepository, RepositoryError
 
 CONTEXT_DEVICES = ("ios", "android", "web")
 CONTEXT_PLACEMENTS = ("feed", "story", "search", "banner")
@@ -41,6 +45,30 @@ def bench_world(metadata: ModelMetadata, users: int, ads: int) -> SyntheticWorld
         )
     base = SyntheticConfig(**{str(k): int(v) for k, v in config.items()})
     return SyntheticWorld(replace(base, users=users, ads=ads, seed=base.seed + 1000))
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model-repository and --model: which model the benchmark serves and draws traffic for."""
+    parser.add_argument(
+        "--model-repository", type=Path, default=DEMO_REPOSITORY,
+        help="repository of the model to serve (default: the demo model's)",
+    )  # fmt: skip
+    parser.add_argument("--model", default="pcvr", help="model name, its active version serves")
+
+
+def active_model(repository: Path, name: str) -> ModelMetadata:
+    """The active version's metadata; a clear exit when it cannot be benchmarked."""
+    try:
+        models = ModelRepository(repository)
+        metadata = models.read_metadata(name, models.active_version(name))
+    except RepositoryError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if not isinstance((metadata.dataset or {}).get("config"), dict):
+        raise SystemExit(
+            f"error: {name} v{metadata.version} was not trained on the synthetic data set: the "
+            "benchmarks draw their users and ads from it (train one with `adscore train`)"
+        )
+    return metadata
 
 
 def load_population(redis_url: str, world: SyntheticWorld, spec: FeatureSpec) -> int:

@@ -114,12 +114,20 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _model_line(results: dict[str, Any]) -> str:
+    model = results.get("model")  # absent from reports written before it was recorded
+    if not model:
+        return "Model: the demo model."
+    return f"Model: {model['name']} v{model['version']} ({model['architecture']})."
+
+
 def write_report(results: dict[str, Any], folder: Path) -> Path:
     has_plot = plot(results, folder / "latency.png")
     lines = [
         "# adscore benchmark",
         "",
         f"`{results['command']}` on {results['started']}; {results['machine']}.",
+        _model_line(results),
         f"Population {results['population']['users']:,} users and "
         f"{results['population']['ads']:,} ads (Zipf popularity), "
         f"{results['population']['requests']:,} distinct requests of {results['candidates']} "

@@ -84,7 +84,8 @@ def adscore(repository: Path, redis_url: str, log: Path, **settings: str) -> Ser
     return Service("adscore", [sys.executable, "-m", "service.cli", "serve"], env, log, "/readyz")
 
 
-def naive(repository: Path, redis_url: str, log: Path) -> Service:
+def naive(repository: Path, redis_url: str, log: Path, model_name: str = "pcvr") -> Service:
     argv = [sys.executable, "-m", "benchmarks.naive_service", "--port", "{port}",
-            "--redis-url", redis_url, "--model-repository", str(repository)]  # fmt: skip
+            "--redis-url", redis_url, "--model-repository", str(repository),
+            "--model-name", model_name]  # fmt: skip
     return Service("naive", argv, {}, log, "/docs")

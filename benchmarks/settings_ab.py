@@ -34,9 +34,6 @@ import numpy as np
 from benchmarks import population, servers
 from benchmarks.measure import closed_loop_point, open_loop_point
 from feature_client.redis_server import LocalRedisServer
-from service.repository import ModelRepository
-
-DEMO = Path(__file__).resolve().parent.parent / "demo" / "model_repository"
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -54,7 +51,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    metadata = ModelRepository(DEMO).read_metadata("pcvr", 1)
+    metadata = population.active_model(args.model_repository, args.model)
     world = population.bench_world(metadata, args.users, args.ads)
     calls = population.request_mix(world, args.requests, candidates=args.candidates)
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.variant}
@@ -65,7 +62,9 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         redis_pid = redis.process.pid
         for index in range(args.rounds):
             for label, settings in args.variant:
-                with servers.adscore(DEMO, redis.url, Path(tmp) / "adscore.log", **settings) as s:
+                log = Path(tmp) / "adscore.log"
+                served = {"model_name": args.model} | settings
+                with servers.adscore(args.model_repository, redis.url, log, **served) as s:
                     # Every variant of a round gets the same requests, and the measured ones
                     # are not the warm-up's again (a cache would notice).
                     warm_up, measured = (
@@ -172,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ads", type=int, default=200_000)
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--out", type=Path, default=Path("bench-report"))
+    population.add_model_flags(parser)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     table = summary(run(args))

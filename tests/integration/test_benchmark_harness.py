@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -268,10 +269,14 @@ def test_log_reading_benchmark_reads_back_every_row_it_wrote() -> None:
 def test_settings_ab_closed_loop_reports_throughput_against_the_first_variant(
     tmp_path: Path,
 ) -> None:
+    # Another model name than the default: the flags must reach the served process.
+    repository = tmp_path / "model_repository"
+    shutil.copytree(DEMO.root / "pcvr", repository / "pcvr-b")
     code = settings_ab.main(
         ["--variant", "a:drift_sample_rate=0", "--variant", "b:ad_feature_cache_seconds=30",
          "--candidates", "8", "--connections", "4", "--rounds", "1", "--seconds", "1",
-         "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
+         "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path),
+         "--model-repository", str(repository), "--model", "pcvr-b"]
     )  # fmt: skip
     assert code == 0
     first, second = orjson.loads((tmp_path / "settings_ab.json").read_bytes())["medians"]
@@ -302,3 +307,16 @@ def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
     table = settings_ab.summary({"a": rounds(100, 100, 50), "b": rounds(110, 120, 60)})
     assert [row["throughput_ratio"] for row in table] == [1.0, pytest.approx(1.2)]
     assert table[1]["requests_per_second"] == 110
+
+
+def test_benchmarks_refuse_a_model_they_cannot_draw_traffic_for(tmp_path: Path) -> None:
+    repository = tmp_path / "model_repository"
+    shutil.copytree(DEMO.root / "pcvr", repository / "pcvr")
+    assert population.active_model(repository, "pcvr").version == 1
+    with pytest.raises(SystemExit, match="no versions of model 'other'"):
+        population.active_model(repository, "other")
+    metadata = repository / "pcvr" / "1" / "metadata.json"
+    logged = orjson.loads(metadata.read_bytes()) | {"dataset": {"kind": "prediction_log"}}
+    metadata.write_bytes(orjson.dumps(logged))
+    with pytest.raises(SystemExit, match="not trained on the synthetic data set"):
+        population.active_model(repository, "pcvr")
