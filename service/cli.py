@@ -527,6 +527,13 @@ def cmd_export_predictions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_version_flags(parser: argparse.ArgumentParser, version_help: str) -> None:
+    """--model-repository, --name and --version: one published version to work on."""
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--name", default="pcvr", help="model name (default pcvr)")
+    parser.add_argument("--version", type=int, help=version_help)
+
+
 def _add_log_reading_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unlabelled", choices=["drop", "negative"], default="drop",
@@ -769,12 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a published fp32 DCN-v2 version's weights back from its model.onnx "
         "and publish them as a new version whose first layers compute the user and context "
         "part once per request instead of once per candidate. Scores are the same (parity is "
-        "checked against the source on random and request-shaped rows and recorded); "
-        "calibration, metrics and drift reference are carried over. Needs the 'train' extra.",
+        "checked against the source on random and request-shaped rows, recorded, and must be "
+        "within the golden rows' tolerance); calibration, metrics, golden rows and drift "
+        "reference are carried over. Needs the 'train' extra.",
     )
-    request_once.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    request_once.add_argument("--name", default="pcvr", help="model name (default pcvr)")
-    request_once.add_argument("--version", type=int, help="source version (default active)")
+    _add_version_flags(request_once, "source version (default: the active version)")
     request_once.add_argument("--activate", action="store_true", help="activate the new version")
     request_once.set_defaults(handler=cmd_request_once)
 
@@ -784,9 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draws the version's synthetic validation rows again, scores them with its "
         "own model.onnx and writes the drift reference into its metadata.json.",
     )
-    reference.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    reference.add_argument("--name", default="pcvr", help="model name (default pcvr)")
-    reference.add_argument("--version", type=int, help="default: the active version")
+    _add_version_flags(reference, "default: the active version")
     reference.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     reference.set_defaults(handler=cmd_reference)
 
