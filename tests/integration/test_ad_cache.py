@@ -44,3 +44,50 @@ async def test_cached_ads_are_not_read_again_until_the_ttl_passes(redis_url: str
     finally:
         client.close()
         await store.close()
+
+
+async def test_no_answer_is_older_than_the_ttl_while_ads_are_rewritten(redis_url: str) -> None:
+    """A writer stamps each ad's value with the time it wrote it; readers through the cache
+    check every answer: none may have been overwritten in Redis more than one TTL earlier."""
+    ttl = 0.3
+    inner = RedisFeatureStore.from_url(redis_url, "t", timeout_seconds=2.0)
+    store = CachingFeatureStore(inner, AdFeatureCache(ttl, 10_000))
+    loop = asyncio.get_running_loop()
+    ads = [f"a{i}" for i in range(50)]
+    replaced_at: dict[bytes, float] = {}  # value -> when the next value replaced it
+    current: dict[str, bytes] = {}
+
+    async def write(generation: int) -> None:
+        values = {a: f"{a}@{generation}".encode() for a in ads}
+        await inner.write([(store.keys.ad(a), v) for a, v in values.items()])
+        now = loop.time()
+        for a, v in values.items():
+            if a in current:
+                replaced_at[current[a]] = now
+            current[a] = v
+
+    async def writer() -> None:
+        for generation in range(40):
+            await write(generation)
+            await asyncio.sleep(0.05)
+
+    worst = 0.0
+
+    async def reader(seed: int) -> None:
+        nonlocal worst
+        for i in range(150):
+            asked = loop.time()
+            raw = await store.fetch("u", ads[(seed + i) % 25 :][:20])
+            for value in raw.ads:
+                assert value is not None
+                if value in replaced_at:  # stale since then, at the latest since `asked`
+                    worst = max(worst, asked - replaced_at[value])
+            await asyncio.sleep(0.01)
+
+    try:
+        await write(-1)
+        await asyncio.gather(writer(), *(reader(seed) for seed in range(4)))
+    finally:
+        await store.close()
+    assert store.cache.counts.hits > 0  # the cache did answer, and
+    assert worst <= ttl + 0.05  # never with a value replaced more than one TTL before
