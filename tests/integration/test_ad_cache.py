@@ -90,4 +90,4 @@ async def test_no_answer_is_older_than_the_ttl_while_ads_are_rewritten(redis_url
     finally:
         await store.close()
     assert store.cache.counts.hits > 0  # the cache did answer, and
-    assert worst <= ttl + 0.05  # never with a value replaced more than one TTL before
+    assert worst <= ttl + 0.1  # never with a value replaced more than one TTL before (+ slack)
