@@ -38,13 +38,19 @@ class ScoreCall:
 
 def bench_world(metadata: ModelMetadata, users: int, ads: int) -> SyntheticWorld:
     """A world of the given size with the model's buckets (so its spec encodes identically)."""
+    base = synthetic_config(metadata)
+    return SyntheticWorld(replace(base, users=users, ads=ads, seed=base.seed + 1000))
+
+
+def synthetic_config(metadata: ModelMetadata) -> SyntheticConfig:
+    """The synthetic world the model was trained on; ValueError when it was not."""
     config = (metadata.dataset or {}).get("config")
     if not isinstance(config, dict):
         raise ValueError(
-            f"model {metadata.name} v{metadata.version} was not trained on synthetic data"
+            f"{metadata.name} v{metadata.version} was not trained on the synthetic data set: the "
+            "benchmarks draw their users and ads from it (train one with `adscore train`)"
         )
-    base = SyntheticConfig(**{str(k): int(v) for k, v in config.items()})
-    return SyntheticWorld(replace(base, users=users, ads=ads, seed=base.seed + 1000))
+    return SyntheticConfig(**{str(k): int(v) for k, v in config.items()})
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -61,13 +67,9 @@ def active_model(repository: Path, name: str) -> ModelMetadata:
     try:
         models = ModelRepository(repository)
         metadata = models.read_metadata(name, models.active_version(name))
-    except RepositoryError as exc:
+        synthetic_config(metadata)
+    except (RepositoryError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    if not isinstance((metadata.dataset or {}).get("config"), dict):
-        raise SystemExit(
-            f"error: {name} v{metadata.version} was not trained on the synthetic data set: the "
-            "benchmarks draw their users and ads from it (train one with `adscore train`)"
-        )
     return metadata
 
 
