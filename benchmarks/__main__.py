@@ -61,6 +61,11 @@ def main() -> int:
     parser.add_argument("--ads", type=int, default=200_000, help="population (default 200k)")
     parser.add_argument("--requests", type=int, default=5_000, help="distinct requests")
     parser.add_argument("--connections", type=int, default=16, help="closed loop (default 16)")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="adscore's serving processes (ADSCORE_WORKERS); the in-process limit runs in as "
+        "many (default 1)",
+    )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive service")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny and short")
     population.add_model_flags(parser)
@@ -86,12 +91,14 @@ def main() -> int:
         "candidates": args.candidates or "16-512 (log-uniform)",
         "mean_candidates": sum(len(c.ad_ids) for c in calls) / len(calls),
         "seconds_per_point": args.seconds,
+        "workers": args.workers,
     }
     with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         population.load_population(redis.url, world, metadata.spec())
-        print("in-process limit (2 threads, no HTTP)", flush=True)
-        results["in_process"] = inprocess.in_process_limit(
+        print(f"in-process limit ({args.workers} x 2 threads, no HTTP)", flush=True)
+        results["in_process"] = inprocess.in_process_limit_processes(
+            args.workers,
             args.model_repository,
             args.model,
             redis.url,
@@ -103,7 +110,7 @@ def main() -> int:
         print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
         log = args.out / "adscore.log"
         with servers.adscore(
-            args.model_repository, redis.url, log, model_name=args.model
+            args.model_repository, redis.url, log, model_name=args.model, workers=str(args.workers)
         ) as service:
             results["adscore"] = _contender("adscore", service, calls, folder, args)
         if not args.skip_naive:

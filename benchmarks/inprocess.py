@@ -1,16 +1,19 @@
 """The in-process limit: feature fetch from the real Redis + input assembly + onnxruntime.
 
 No HTTP, no JSON: the same requests as the services get, on the same number of threads as
-adscore's inference threads (onnxruntime and redis-py's socket reads release the GIL), in this
-one process. adscore over HTTP is judged against this.
+adscore's inference threads (onnxruntime and redis-py's socket reads release the GIL), in as
+many processes as adscore has workers. adscore over HTTP is judged against this.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -31,8 +34,10 @@ def in_process_limit(
     *,
     threads: int,
     seconds: float,
+    start_at: float | None = None,
 ) -> dict[str, float]:
-    """Candidates and requests per second, and CPU seconds per request, over `seconds`."""
+    """Candidates and requests per second, and CPU seconds per request, over `seconds` (from
+    the wall-clock time `start_at`, when given, so that several processes measure together)."""
     repo = ModelRepository(repository)
     model = load_version(repo, model_name, repo.active_version(model_name), Settings())
     keys = KeyLayout("adscore")
@@ -40,6 +45,8 @@ def in_process_limit(
     context_arrays = [context_blocks(model.spec, c) for c in contexts]
     done = [0] * threads
     candidates = [0] * threads
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
     deadline = time.perf_counter() + seconds
 
     def worker(index: int) -> None:
@@ -73,4 +80,52 @@ def in_process_limit(
         "requests_per_second": sum(done) / elapsed,
         "candidates_per_second": sum(candidates) / elapsed,
         "cpu_ms_per_request": cpu_seconds / max(1, sum(done)) * 1000,
+        "requests": sum(done),
+        "cpu_seconds": cpu_seconds,
+    }
+
+
+def in_process_limit_processes(
+    processes: int,
+    repository: Path,
+    model_name: str,
+    redis_url: str,
+    calls: Sequence[ScoreCall],
+    contexts: Sequence[dict[str, str | int | float]],
+    *,
+    threads: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The limit measured in `processes` processes at once (as adscore's workers), summed."""
+    if processes == 1:
+        return in_process_limit(
+            repository, model_name, redis_url, calls, contexts, threads=threads, seconds=seconds
+        )
+    start_at = time.time() + 5.0  # every process has loaded its model by then
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        futures = [
+            pool.submit(
+                in_process_limit,
+                repository,
+                model_name,
+                redis_url,
+                calls[i::processes],
+                contexts[i::processes],
+                threads=threads,
+                seconds=seconds,
+                start_at=start_at,
+            )
+            for i in range(processes)
+        ]
+        parts = [f.result() for f in futures]
+    requests = sum(p["requests"] for p in parts)
+    cpu_seconds = sum(p["cpu_seconds"] for p in parts)
+    return {
+        "requests_per_second": sum(p["requests_per_second"] for p in parts),
+        "candidates_per_second": sum(p["candidates_per_second"] for p in parts),
+        "cpu_ms_per_request": cpu_seconds / max(1, requests) * 1000,
+        "requests": requests,
+        "cpu_seconds": cpu_seconds,
+        "requests_per_process": [p["requests"] for p in parts],
     }

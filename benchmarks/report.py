@@ -140,7 +140,7 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
         "",
         "## In-process limit",
         "",
-        f"Feature fetch (MGET) + assembly + onnxruntime on 2 threads, no HTTP: "
+        f"Feature fetch (MGET) + assembly + onnxruntime on {_layout(results)}, no HTTP: "
         f"{results['in_process']['requests_per_second']:,.0f} requests/s, "
         f"{results['in_process']['candidates_per_second']:,.0f} candidates/s, "
         f"{results['in_process']['cpu_ms_per_request']:.2f} ms CPU per request.",
@@ -155,3 +155,9 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _layout(results: dict[str, Any]) -> str:
+    """Processes and threads of the in-process limit (adscore's workers and inference threads)."""
+    workers = int(results.get("workers", 1))
+    return "2 threads" if workers == 1 else f"{workers} processes of 2 threads"

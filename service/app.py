@@ -35,6 +35,7 @@ from service.routes import metrics as metrics_route
 from service.scoring import ScoringPipeline
 from service.settings import Settings
 from service.state import ServiceState
+from service.workers import announce_ready
 
 logger = logging.getLogger("adscore")
 
@@ -192,6 +193,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             gc.collect()
             gc.freeze()
             logger.info("ready: model %s version %d", plan.name, plan.active.version)
+            announce_ready()
             yield
             app.state.service.shutting_down = True
 

@@ -23,21 +23,26 @@ from service.settings import Settings
 DEMO_REPOSITORY = Path("demo/model_repository")
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, worker: int | None = None) -> None:
+    name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s"
     )
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    """Settings from the environment, with the flags given on the command line on top."""
-    flags = {
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as command-line flags."""
+    return {
         name: getattr(args, name)
         for name in ("host", "port", "model_repository", "model_name", "redis_url",
                      "feature_namespace", "execution_provider", "log_level")
         if getattr(args, name, None) is not None
     }  # fmt: skip
-    return Settings(**(flags | extra))
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the environment, with the flags given on the command line on top."""
+    return Settings(**(_flags(args) | extra))
 
 
 def _serve(settings: Settings, store: Any = None) -> None:
@@ -49,14 +54,30 @@ def _serve(settings: Settings, store: Any = None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.auth import AuthConfigError, KeyRing
+    from service.workers import supervise, worker_index
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    worker = worker_index()
+    _configure_logging(settings.log_level, worker)
     try:  # a configuration mistake deserves one line, not a traceback from the lifespan
         KeyRing(settings.api_keys_file, enabled=settings.auth_enabled)
     except AuthConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if worker is not None:
+        from service.app import create_app  # not in the supervisor: it serves nothing itself
+        from service.server import serve
+
+        serve(create_app(settings), settings, reuse_port=True)
+        return 0
+    if settings.workers > 1:
+        if settings.port == 0:
+            print("error: ADSCORE_WORKERS > 1 needs a fixed port, not 0", file=sys.stderr)
+            return 2
+        # The workers read the same environment; flags given here reach them as variables.
+        overrides = {f"ADSCORE_{k.upper()}": str(v) for k, v in _flags(args).items()}
+        stop_timeout = settings.shutdown_delay_seconds + 35  # uvicorn's graceful 30 s and a margin
+        return supervise(settings.workers, overrides, stop_timeout)
     _serve(settings)
     return 0
 

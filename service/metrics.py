@@ -6,6 +6,7 @@ lists, and model labels name versions, never users, ads or tenants.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.batcher import BatchMetrics
@@ -145,6 +147,29 @@ class DriftCollector(Collector):
         return iter(families)
 
 
+def exposition_registry(
+    registry: CollectorRegistry, own: tuple[Collector, ...]
+) -> CollectorRegistry:
+    """What /metrics serves: `registry` itself or, in Prometheus's multiprocess mode (several
+    workers, see service/workers.py), every worker's samples added up, plus the collectors
+    computed at scrape time from this worker's own state (drift, hot-ad cache)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return registry
+    combined = CollectorRegistry()
+    MultiProcessCollector(combined, path=directory)  # type: ignore[no-untyped-call]
+    for collector in own:
+        combined.register(collector)
+    return combined
+
+
+def retire(gauge: Gauge, *labels: str) -> None:
+    """Drop a labelled gauge sample. In multiprocess mode a worker's samples live on in its file
+    after remove(), so the value is zeroed first: it then reads 0, not a stale 1."""
+    gauge.labels(*labels).set(0)
+    gauge.remove(*labels)
+
+
 class Metrics:
     """All metrics adscore exports."""
 
@@ -205,12 +230,14 @@ class Metrics:
             "adscore_model_info",
             "1 for each model version this instance serves, by role (active, canary, shadow).",
             ["model", "version", "provider", "role"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.model_load_seconds = Gauge(
             "adscore_model_load_seconds",
             "Time to verify, open and warm up the version loaded last, by model.",
             ["model"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.model_swaps = Counter(
@@ -229,6 +256,7 @@ class Metrics:
             "adscore_model_refused",
             "1 for each version whose last load was refused (the reason is in GET /v1/models).",
             ["model", "version"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.model_unloads = Counter(
@@ -240,6 +268,7 @@ class Metrics:
         self.loaded_model_bytes = Gauge(
             "adscore_loaded_model_bytes",
             "Bytes of model files loaded, counted against the model memory budget.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.scored_candidates = Counter(
@@ -258,11 +287,13 @@ class Metrics:
         self.feature_store_circuit = Gauge(
             "adscore_feature_store_circuit_state",
             "Circuit breaker of the feature store: 0 closed, 1 open (no fetch), 2 half-open.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.in_flight = Gauge(
             "adscore_in_flight_requests",
             "Scoring requests being handled now (the autoscaling signal).",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.shed = Counter(
@@ -293,6 +324,7 @@ class Metrics:
         self.queued_rows = Gauge(
             "adscore_queued_rows",
             "Candidate rows waiting for an inference thread.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.shadow_difference = Histogram(
@@ -325,6 +357,7 @@ class Metrics:
         registry.register(self.drift)
         self.ad_cache = AdCacheCollector()
         registry.register(self.ad_cache)
+        self.exposition = exposition_registry(registry, (self.drift, self.ad_cache))
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for outcome in ("written", "dropped", "failed", "expired"):

@@ -25,7 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from feature_client.store import SchemaStamp
 from service.errors import NotReady
-from service.metrics import Metrics
+from service.metrics import Metrics, retire
 from service.registry import LoadedModel, ModelLoadError, load_version
 from service.repository import (
     ModelRepository,
@@ -69,6 +69,9 @@ def lower_thread_priority(nice: int) -> None:
         logger.warning("could not lower the model loader's priority: %s", exc)
 
 
+ROLES = ("active", "canary", "shadow")
+
+
 class ModelManager:
     """Loads, swaps, routes to and unloads model versions on this replica."""
 
@@ -94,6 +97,8 @@ class ModelManager:
         # Written by the loader thread as whole new objects, read anywhere.
         self._plans: dict[str, ServingPlan] = {}
         self._routing = Routing(default=settings.model_name)
+        # adscore_model_info's label sets set to 1, so the ones that go away are retired.
+        self._published_info: set[tuple[str, str, str, str]] = set()
         # Written by the loader thread only, as whole new objects (others iterate them).
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
         self._refused: dict[tuple[str, int], Refusal] = {}
@@ -213,7 +218,7 @@ class ModelManager:
             raise ModelLoadError(str(exc)) from exc
         if key in self._refused:
             self._refused = {k: r for k, r in self._refused.items() if k != key}
-            self._metrics.model_refused.remove(name, str(version))
+            retire(self._metrics.model_refused, name, str(version))
         self._loaded = {**self._loaded, key: model}
         self._metrics.model_load_seconds.labels(name).set(model.load_seconds)
         self._metrics.loaded_model_bytes.set(self.loaded_bytes())
@@ -254,15 +259,17 @@ class ModelManager:
 
     def _publish_plan_metrics(self) -> None:
         info = self._metrics.model_info
-        info.clear()
-        for plan in self._plans.values():
-            for model, role in (
-                (plan.active, "active"),
-                (plan.canary, "canary"),
-                (plan.shadow, "shadow"),
-            ):
-                if model is not None:
-                    info.labels(model.name, str(model.version), model.runtime.provider, role).set(1)
+        published = {
+            (model.name, str(model.version), model.runtime.provider, role)
+            for plan in self._plans.values()
+            for model, role in zip((plan.active, plan.canary, plan.shadow), ROLES, strict=True)
+            if model is not None
+        }
+        for labels in self._published_info - published:
+            retire(info, *labels)
+        for labels in published:
+            info.labels(*labels).set(1)
+        self._published_info = published
 
     def loaded_bytes(self) -> int:
         return sum(m.size_bytes for m in self._loaded.values())

@@ -8,6 +8,7 @@ load balancer that follows readiness.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from types import FrameType
 
@@ -40,7 +41,23 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT, not listening yet: uvicorn listens on it
+    after the lifespan has loaded the models, so the kernel sends a worker no connection before
+    it can score."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(app: FastAPI, settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until stopped; with `reuse_port`, on a port shared with sibling workers."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -49,4 +66,5 @@ def serve(app: FastAPI, settings: Settings) -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
-    DrainingServer(config, app, settings.shutdown_delay_seconds).run()
+    sockets = [reuse_port_socket(settings.host, settings.port)] if reuse_port else None
+    DrainingServer(config, app, settings.shutdown_delay_seconds).run(sockets=sockets)

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     from CPU replicas of the same version by up to ~1e-4 (see BENCHMARKS.md)."""
     inference_threads: int = Field(2, ge=1, le=64)
     """onnxruntime calls that may run at once (one per core is the sweet spot on CPU)."""
+    workers: int = Field(1, ge=1, le=64)
+    """Serving processes sharing the port (SO_REUSEPORT), each with its own models and
+    inference_threads. One process's Python work runs one thread at a time, so on a replica with
+    2 or more cores, 2 workers serve more; metrics are summed over workers (see README)."""
     intra_op_threads: int = Field(1, ge=1, le=64)
     """Threads inside one onnxruntime call; inference_threads x intra_op_threads <= cores."""
     max_batch_rows: int = Field(256, ge=1, le=65536)

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from service.responses import JSONBytesResponse
 from service.state import ServiceState
+from service.workers import workers_starting
 
 router = APIRouter(tags=["health"])
 
@@ -23,6 +24,10 @@ async def readyz(request: Request) -> Response:
         return JSONBytesResponse({"ready": False, "reason": "starting"}, status_code=503)
     if state.shutting_down:
         return JSONBytesResponse({"ready": False, "reason": "shutting down"}, status_code=503)
+    starting = workers_starting(state.settings.workers)
+    if starting:
+        reason = f"{starting} of {state.settings.workers} workers still starting"
+        return JSONBytesResponse({"ready": False, "reason": reason}, status_code=503)
     store_ok = await state.store.ping()
     # Under the "degrade" policy a replica scores on defaults while the store is down: staying
     # ready keeps traffic flowing instead of taking every replica out of the load balancer.

@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks import explain, loadgen, log_reading, population, providers, settings_ab
+from benchmarks import explain, inprocess, loadgen, log_reading, population, providers, settings_ab
 from benchmarks.naive_service import build_app
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
@@ -320,3 +320,25 @@ def test_benchmarks_refuse_a_model_they_cannot_draw_traffic_for(tmp_path: Path) 
     metadata.write_bytes(orjson.dumps(logged))
     with pytest.raises(SystemExit, match="not trained on the synthetic data set"):
         population.active_model(repository, "pcvr")
+
+
+def test_the_in_process_limit_runs_in_as_many_processes_as_workers(
+    redis_url: str, world: SyntheticWorld, tmp_path: Path
+) -> None:
+    population.load_population(redis_url, world, DEMO.read_metadata("pcvr", 1).spec())
+    calls = population.request_mix(world, 40, candidates=16)
+    contexts = [orjson.loads(c.body)["context"] for c in calls]
+    limit = inprocess.in_process_limit_processes(
+        2, DEMO.root, "pcvr", redis_url, calls, contexts, threads=1, seconds=1.0
+    )
+    assert len(limit["requests_per_process"]) == 2
+    assert all(n > 0 for n in limit["requests_per_process"])
+    assert limit["requests"] == sum(limit["requests_per_process"])
+    assert limit["candidates_per_second"] == pytest.approx(16 * limit["requests_per_second"])
+    results = {
+        "command": "python -m benchmarks --workers 2", "started": "now", "machine": "2 cores",
+        "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 16,
+        "mean_candidates": 16.0, "seconds_per_point": 1.0, "workers": 2, "in_process": limit,
+        "adscore": _contender(90_000.0, 8.0),
+    }  # fmt: skip
+    assert "on 2 processes of 2 threads, no HTTP" in write_report(results, tmp_path).read_text()

@@ -1,0 +1,208 @@
+"""Several serving processes on one port (`ADSCORE_WORKERS` > 1), under one supervisor.
+
+Why: Python runs one thread at a time per process, and at saturation a replica's event loop is
+the busy thread while its inference threads wait for work. A second process brings a second
+interpreter lock; on 2 cores, two processes served 1.5-1.8x the requests/s of one (BENCHMARKS.md).
+
+How:
+- Each worker is an ordinary `adscore serve` process. It loads its models, then listens on the
+  shared port with SO_REUSEPORT: the kernel spreads new connections over the workers that are
+  listening, so a worker that is still loading (at start or after a restart) gets none.
+- Workers keep their models in line with the repository the way separate replicas do (the
+  repository poll), so an admin call answered by one worker reaches the others within
+  `repository_poll_seconds`.
+- Metrics use Prometheus's multiprocess mode: every worker writes its samples to files in one
+  folder, and /metrics, whichever worker answers it, adds them up.
+- The supervisor forwards SIGTERM and SIGINT once to every worker (each drains as a single
+  process would) and restarts a worker that dies, unless it failed to start: then it stops the
+  others and exits with the worker's status, so that Kubernetes sees the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
+
+logger = logging.getLogger("adscore.workers")
+
+# Set in a worker's environment (its index): `adscore serve` then serves on a SO_REUSEPORT socket
+# instead of supervising. No ADSCORE_ prefix: it is not a setting.
+WORKER_ENV = "_ADSCORE_WORKER"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Exit statuses of a worker that could not start: a configuration error (2, argparse and
+# adscore's own) or uvicorn's start-up failure (3: the lifespan failed, or the bind did).
+STARTUP_FAILURES = frozenset({2, 3})
+MAX_RESTARTS = 5
+RESTART_WINDOW_SECONDS = 60.0
+POLL_SECONDS = 0.2
+READY_PREFIX = "ready-"
+
+Spawn = Callable[[int, Mapping[str, str]], subprocess.Popen[bytes]]
+
+
+def worker_index() -> int | None:
+    """This process's index when it is a worker of a supervisor, else None."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value is not None else None
+
+
+def _shared_folder() -> Path | None:
+    folder = os.environ.get(METRICS_DIR_ENV)
+    return Path(folder) if folder and worker_index() is not None else None
+
+
+def announce_ready() -> None:
+    """Tell the sibling workers that this one has started (a no-op outside a supervisor)."""
+    folder, index = _shared_folder(), worker_index()
+    if folder is not None and index is not None:
+        (folder / f"{READY_PREFIX}{index}").touch()
+
+
+def workers_starting(workers: int) -> int:
+    """Workers that have not started yet since the supervisor did (0 outside a supervisor).
+
+    A replica reports ready only once every worker has started: connections opened before a
+    worker listens all go to the others and, kept alive, stay there. A worker restarted later
+    does not take the replica out of rotation; its siblings serve meanwhile."""
+    folder = _shared_folder()
+    if folder is None:
+        return 0
+    return max(0, workers - len(list(folder.glob(f"{READY_PREFIX}*"))))
+
+
+def spawn_serve(index: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """One `adscore serve` worker, in a session of its own: a terminal's Ctrl-C reaches the
+    supervisor alone, which forwards it once."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"], env=dict(env), start_new_session=True
+    )
+
+
+@dataclass
+class Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    started: float
+
+
+@dataclass
+class Supervisor:
+    """Starts `workers` processes and keeps them running until asked to stop."""
+
+    workers: int
+    env: Mapping[str, str]
+    metrics_dir: Path
+    stop_timeout_seconds: float
+    spawn: Spawn = spawn_serve
+    clock: Callable[[], float] = time.monotonic
+    _running: list[Worker] = field(default_factory=list)
+    _restarts: list[float] = field(default_factory=list)
+    _stop_signal: int | None = None
+
+    def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            for worker in self._running:
+                _signal(worker.process, signum)
+
+    def run(self) -> int:
+        """Supervise until a stop is requested (0) or a worker cannot start (its status)."""
+        for index in range(self.workers):
+            self._start(index)
+        logger.info("started %d workers", self.workers)
+        status = 0
+        while self._stop_signal is None:
+            time.sleep(POLL_SECONDS)
+            failure = self._check()
+            if failure is not None:
+                status = failure
+                self.request_stop(signal.SIGTERM)
+        self._wait_all()
+        return status
+
+    def _start(self, index: int) -> None:
+        env = dict(self.env) | {WORKER_ENV: str(index), METRICS_DIR_ENV: str(self.metrics_dir)}
+        worker = Worker(index, self.spawn(index, env), self.clock())
+        self._running.append(worker)
+        if self._stop_signal is not None:  # asked to stop while it was being started
+            _signal(worker.process, self._stop_signal)
+
+    def _check(self) -> int | None:
+        """Restart workers that died; the status to exit with when one cannot be restarted."""
+        if self._stop_signal is not None:  # they are stopping because they were asked to
+            return None
+        for worker in list(self._running):
+            status = worker.process.poll()
+            if status is None:
+                continue
+            self._running.remove(worker)
+            mark_process_dead(worker.process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+            if status in STARTUP_FAILURES:
+                logger.error("worker %d could not start (status %d)", worker.index, status)
+                return status
+            now = self.clock()
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS]
+            if len(self._restarts) >= MAX_RESTARTS:
+                logger.error(
+                    "worker %d died (status %d): %d restarts within %.0f s, giving up",
+                    worker.index, status, MAX_RESTARTS, RESTART_WINDOW_SECONDS,
+                )  # fmt: skip
+                return 1
+            self._restarts.append(now)
+            logger.warning("worker %d died (status %d): restarting it", worker.index, status)
+            self._start(worker.index)
+        return None
+
+    def _wait_all(self) -> None:
+        deadline = self.clock() + self.stop_timeout_seconds
+        for worker in self._running:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - self.clock()))
+            except subprocess.TimeoutExpired:
+                logger.error("worker %d did not stop in time: killing it", worker.index)
+                worker.process.kill()
+                worker.process.wait()
+            mark_process_dead(worker.process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        self._running.clear()
+
+
+def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
+    if process.poll() is None:
+        process.send_signal(signum)
+
+
+def supervise(workers: int, overrides: Mapping[str, str], stop_timeout_seconds: float) -> int:
+    """Run `workers` serving processes with the settings of this one plus `overrides` (env
+    variables), until SIGTERM or SIGINT. Returns the exit status."""
+    given = os.environ.get(METRICS_DIR_ENV)
+    metrics_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="adscore-metrics-"))
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    # A previous run's samples must not be added in, nor its workers counted as started.
+    for stale in [*metrics_dir.glob("*.db"), *metrics_dir.glob(f"{READY_PREFIX}*")]:
+        stale.unlink()
+    supervisor = Supervisor(
+        workers, os.environ | dict(overrides), metrics_dir, stop_timeout_seconds
+    )
+    previous = {
+        signum: signal.signal(signum, supervisor.request_stop)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        return supervisor.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if not given:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
