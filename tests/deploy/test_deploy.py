@@ -111,6 +111,20 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     settings = _one(objects, "ConfigMap", "adscore-settings")["data"]
     assert settings["ADSCORE_EXECUTION_PROVIDER"] == "cuda"
+    assert settings["ADSCORE_WORKERS"] == "1"  # one process feeds the GPU's batches
+
+
+def test_cpu_pods_run_two_workers_whose_models_fit_the_memory_limit() -> None:
+    objects = render("overlays/cpu")
+    (container,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    data = _one(objects, "ConfigMap", "adscore-settings")["data"]
+    settings = Settings(**{k.removeprefix("ADSCORE_").lower(): v for k, v in data.items()})
+    assert settings.workers == int(container["resources"]["limits"]["cpu"]) == 2
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    process_overhead = 256 << 20  # interpreter, onnxruntime, arenas: ~150 MiB measured
+    needed = settings.workers * (settings.model_memory_budget_bytes + process_overhead)
+    assert needed <= int(limit.removesuffix("Gi")) << 30
 
 
 def test_dev_overlay_brings_its_own_redis() -> None:
