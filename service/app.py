@@ -25,7 +25,7 @@ from service.auth import AuthConfigError, KeyRing
 from service.drift import scored_versions
 from service.errors import install_error_handlers
 from service.fast_path import AdscoreApp
-from service.metrics import Metrics
+from service.metrics import Metrics, MultiprocessMirror
 from service.model_manager import ModelManager
 from service.prediction_log import PredictionLogError
 from service.registry import ModelLoadError
@@ -142,6 +142,19 @@ async def poll_repository(manager: ModelManager, keys: KeyRing, interval: float)
             logger.exception("polling the model repository failed")
 
 
+MIRROR_SECONDS = 2.0
+
+
+async def mirror_metrics(mirror: MultiprocessMirror) -> None:
+    """Keep this worker's scrape-time metrics in the multiprocess files (several workers)."""
+    while True:
+        try:
+            mirror.sync()
+        except Exception:  # a metrics hiccup must not stop the mirroring for good
+            logger.exception("mirroring the drift and cache metrics failed")
+        await asyncio.sleep(MIRROR_SECONDS)
+
+
 def _without_opentelemetry() -> dict[str, Any]:
     """FastAPI >= 0.160 checks OpenTelemetry's global providers on every request (an environment
     lookup each time); adscore exports Prometheus metrics of its own, so that is switched off."""
@@ -186,6 +199,9 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
                 poll_repository(manager, keys, settings.repository_poll_seconds)
             )
             cleanup.callback(poller.cancel)
+            if metrics.mirror is not None:
+                mirroring = asyncio.create_task(mirror_metrics(metrics.mirror))
+                cleanup.callback(mirroring.cancel)
             plan = manager.plan(manager.default_model)
             assert plan is not None
             # Start-up objects (modules, the app, sessions) live for good: move them out of the

@@ -54,7 +54,7 @@ def _serve(settings: Settings, store: Any = None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.auth import AuthConfigError, KeyRing
-    from service.workers import supervise, worker_index
+    from service.workers import STARTUP_FAILURE, follow_supervisor, supervise, worker_index
 
     settings = _settings(args)
     worker = worker_index()
@@ -66,9 +66,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if worker is not None:
         from service.app import create_app  # not in the supervisor: it serves nothing itself
-        from service.server import serve
+        from service.server import reuse_port_socket, serve
 
-        serve(create_app(settings), settings, reuse_port=True)
+        follow_supervisor()
+        try:  # bound now, listening once the models are loaded (see service/workers.py)
+            sock = reuse_port_socket(settings.host, settings.port)
+        except OSError as exc:
+            print(f"error: cannot bind {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return STARTUP_FAILURE
+        serve(create_app(settings), settings, sockets=[sock])
         return 0
     if settings.workers > 1:
         if settings.port == 0:
@@ -77,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The workers read the same environment; flags given here reach them as variables.
         overrides = {f"ADSCORE_{k.upper()}": str(v) for k, v in _flags(args).items()}
         stop_timeout = settings.shutdown_delay_seconds + 35  # uvicorn's graceful 30 s and a margin
-        return supervise(settings.workers, overrides, stop_timeout)
+        return supervise(settings.workers, overrides, stop_timeout, settings.host, settings.port)
     _serve(settings)
     return 0
 
@@ -116,6 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         }
         print(f"model repository: {scratch / 'model_repository'} (a copy, removed on exit)")
         print("AUTHENTICATION IS OFF in the demo: anyone who reaches the port can change models.")
+        if base.workers > 1:
+            print("the demo serves in one process: ADSCORE_WORKERS applies to `adscore serve`")
         store: FeatureStore
         if shutil.which("redis-server") and not args.in_memory:
             server = stack.enter_context(LocalRedisServer())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -147,27 +147,97 @@ class DriftCollector(Collector):
         return iter(families)
 
 
-def exposition_registry(
-    registry: CollectorRegistry, own: tuple[Collector, ...]
-) -> CollectorRegistry:
+def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
     """What /metrics serves: `registry` itself or, in Prometheus's multiprocess mode (several
-    workers, see service/workers.py), every worker's samples added up, plus the collectors
-    computed at scrape time from this worker's own state (drift, hot-ad cache)."""
+    workers, see service/workers.py), every worker's samples added up, whichever answers. The
+    collectors computed at scrape time reach that sum through a MultiprocessMirror."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return registry
     combined = CollectorRegistry()
     MultiProcessCollector(combined, path=directory)  # type: ignore[no-untyped-call]
-    for collector in own:
-        combined.register(collector)
     return combined
+
+
+# How a scrape-time gauge combines over workers: rows are summed, rates and PSI take the
+# largest (every worker samples the same traffic, so they agree up to sampling noise).
+SUMMED_GAUGES = frozenset({"adscore_drift_window_rows", "adscore_ad_feature_cache_entries"})
+
+
+class MultiprocessMirror:
+    """Copies this worker's scrape-time collectors (drift, hot-ad cache) into multiprocess
+    counters and gauges, so that /metrics adds them up like every other metric instead of
+    showing whichever worker answers. `sync` runs every few seconds on each worker."""
+
+    def __init__(self, collectors: tuple[Collector, ...], registry: CollectorRegistry) -> None:
+        self._collectors = collectors
+        self._registry = registry
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._counted: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._shown: dict[str, set[tuple[str, ...]]] = {}
+
+    def sync(self) -> None:
+        for collector in self._collectors:
+            for family in collector.collect():
+                if family.type == "counter":
+                    self._sync_counter(family)
+                else:
+                    self._sync_gauge(family)
+
+    def _sync_counter(self, family: Metric) -> None:
+        counter = self._counters.get(family.name)
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            labels = tuple(sample.labels.values())
+            if counter is None:
+                counter = self._counters[family.name] = Counter(
+                    family.name, family.documentation, list(sample.labels), registry=self._registry
+                )
+            key = (family.name, labels)
+            # Counted so far is this process's own running total: add what it gained.
+            gained = sample.value - self._counted.get(key, 0.0)
+            self._counted[key] = sample.value
+            child = counter.labels(*labels) if labels else counter
+            child.inc(max(0.0, gained))
+
+    def _sync_gauge(self, family: Metric) -> None:
+        gauge = self._gauges.get(family.name)
+        shown: set[tuple[str, ...]] = set()
+        for sample in family.samples:
+            labels = tuple(sample.labels.values())
+            if gauge is None:
+                mode: Literal["livesum", "livemax"] = (
+                    "livesum" if family.name in SUMMED_GAUGES else "livemax"
+                )
+                gauge = self._gauges[family.name] = Gauge(
+                    family.name, family.documentation, list(sample.labels),
+                    registry=self._registry, multiprocess_mode=mode,
+                )  # fmt: skip
+            (gauge.labels(*labels) if labels else gauge).set(sample.value)
+            shown.add(labels)
+        for gone in self._shown.get(family.name, set()) - shown:
+            assert gauge is not None
+            if gone:
+                retire(gauge, *gone)
+            else:
+                gauge.set(0)
+        self._shown[family.name] = shown
 
 
 def retire(gauge: Gauge, *labels: str) -> None:
     """Drop a labelled gauge sample. In multiprocess mode a worker's samples live on in its file
-    after remove(), so the value is zeroed first: it then reads 0, not a stale 1."""
+    (remove() is not supported there), so the sample is set to 0 instead: queries of these
+    1-valued gauges filter with `== 1`."""
     gauge.labels(*labels).set(0)
-    gauge.remove(*labels)
+    if not multiprocess_mode():
+        gauge.remove(*labels)
+
+
+def multiprocess_mode() -> bool:
+    """Whether metrics go to Prometheus's multiprocess files (several workers)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class Metrics:
@@ -357,7 +427,13 @@ class Metrics:
         registry.register(self.drift)
         self.ad_cache = AdCacheCollector()
         registry.register(self.ad_cache)
-        self.exposition = exposition_registry(registry, (self.drift, self.ad_cache))
+        self.exposition = exposition_registry(registry)
+        # Only with several workers; a single process serves the collectors at scrape time.
+        self.mirror = (
+            MultiprocessMirror((self.drift, self.ad_cache), CollectorRegistry())
+            if multiprocess_mode()
+            else None
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for outcome in ("written", "dropped", "failed", "expired"):

@@ -56,8 +56,8 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: FastAPI, settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until stopped; with `reuse_port`, on a port shared with sibling workers."""
+def serve(app: FastAPI, settings: Settings, *, sockets: list[socket.socket] | None = None) -> None:
+    """Serve until stopped: on host:port, or on `sockets` (a worker's SO_REUSEPORT socket)."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -66,5 +66,4 @@ def serve(app: FastAPI, settings: Settings, *, reuse_port: bool = False) -> None
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
-    sockets = [reuse_port_socket(settings.host, settings.port)] if reuse_port else None
     DrainingServer(config, app, settings.shutdown_delay_seconds).run(sockets=sockets)

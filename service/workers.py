@@ -2,28 +2,34 @@
 
 Why: Python runs one thread at a time per process, and at saturation a replica's event loop is
 the busy thread while its inference threads wait for work. A second process brings a second
-interpreter lock; on 2 cores, two processes served 1.5-1.8x the requests/s of one (BENCHMARKS.md).
+interpreter lock; on 2 cores, two processes served 1.5x the requests/s of one (BENCHMARKS.md).
 
 How:
-- Each worker is an ordinary `adscore serve` process. It loads its models, then listens on the
-  shared port with SO_REUSEPORT: the kernel spreads new connections over the workers that are
-  listening, so a worker that is still loading (at start or after a restart) gets none.
+- Each worker is an ordinary `adscore serve` process. It binds the shared port with
+  SO_REUSEPORT at once (so a port it cannot have fails it before any model loads), and listens
+  only after its models are loaded: the kernel spreads new connections over the workers that
+  listen, so a worker still loading (at start or after a restart) gets none.
 - Workers keep their models in line with the repository the way separate replicas do (the
   repository poll), so an admin call answered by one worker reaches the others within
   `repository_poll_seconds`.
 - Metrics use Prometheus's multiprocess mode: every worker writes its samples to files in one
   folder, and /metrics, whichever worker answers it, adds them up.
-- The supervisor forwards SIGTERM and SIGINT once to every worker (each drains as a single
-  process would) and restarts a worker that dies, unless it failed to start: then it stops the
-  others and exits with the worker's status, so that Kubernetes sees the failure.
+- The supervisor forwards SIGTERM, SIGINT and SIGHUP once to every worker (each drains as a
+  single process would; a second Ctrl-C kills them) and restarts a worker that dies after it
+  has started. A worker that dies before it started (a bad setting, a taken port, a model that
+  does not load or does not fit in memory) would fail again: the supervisor then stops the
+  others and exits with status 3, as does a worker dying more than 5 times a minute (status 1),
+  so that Kubernetes sees the failure. Workers are sent SIGTERM when the supervisor dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,17 +43,18 @@ from prometheus_client.multiprocess import mark_process_dead
 
 logger = logging.getLogger("adscore.workers")
 
-# Set in a worker's environment (its index): `adscore serve` then serves on a SO_REUSEPORT socket
-# instead of supervising. No ADSCORE_ prefix: it is not a setting.
-WORKER_ENV = "_ADSCORE_WORKER"
+# Set in a worker's environment: `adscore serve` then serves on a SO_REUSEPORT socket instead of
+# supervising. No ADSCORE_ prefix: they are not settings.
+WORKER_ENV = "_ADSCORE_WORKER"  # the worker's index
+SUPERVISOR_ENV = "_ADSCORE_SUPERVISOR"  # the supervisor's process id
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Exit statuses of a worker that could not start: a configuration error (2, argparse and
-# adscore's own) or uvicorn's start-up failure (3: the lifespan failed, or the bind did).
-STARTUP_FAILURES = frozenset({2, 3})
+# uvicorn's status for a failed start-up; adscore's workers use it for a port they cannot bind.
+STARTUP_FAILURE = 3
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 60.0
 POLL_SECONDS = 0.2
 READY_PREFIX = "ready-"
+PR_SET_PDEATHSIG = 1
 
 Spawn = Callable[[int, Mapping[str, str]], subprocess.Popen[bytes]]
 
@@ -64,10 +71,23 @@ def _shared_folder() -> Path | None:
 
 
 def announce_ready() -> None:
-    """Tell the sibling workers that this one has started (a no-op outside a supervisor)."""
+    """Tell the supervisor and the sibling workers that this one has started (a no-op outside a
+    supervisor). The marker holds the process id, so that a replacement that dies while it
+    starts is told apart from the worker it replaced."""
     folder, index = _shared_folder(), worker_index()
     if folder is not None and index is not None:
-        (folder / f"{READY_PREFIX}{index}").touch()
+        marker = folder / f"{READY_PREFIX}{index}"
+        partial = folder / f"{READY_PREFIX}{index}.partial"
+        partial.write_text(str(os.getpid()))
+        partial.replace(marker)  # atomic: nobody reads half a process id
+
+
+def has_started(folder: Path, index: int, pid: int) -> bool:
+    """Whether worker `index`, running as process `pid`, announced that it had started."""
+    try:
+        return (folder / f"{READY_PREFIX}{index}").read_text() == str(pid)
+    except OSError:
+        return False
 
 
 def workers_starting(workers: int) -> int:
@@ -79,7 +99,31 @@ def workers_starting(workers: int) -> int:
     folder = _shared_folder()
     if folder is None:
         return 0
-    return max(0, workers - len(list(folder.glob(f"{READY_PREFIX}*"))))
+    announced = [m for m in folder.glob(f"{READY_PREFIX}*") if m.suffix != ".partial"]
+    return max(0, workers - len(announced))
+
+
+def follow_supervisor() -> None:
+    """In a worker: be sent SIGTERM (and so drain and stop) when the supervisor dies, however it
+    dies, so that no worker goes on serving the port alone (Linux; elsewhere a no-op)."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(supervisor):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """OSError when a process already holds host:port. Workers bind with SO_REUSEPORT, which
+    would silently share the port with any process of the same user binding it the same way
+    (an earlier adscore, say); a plain bind refuses that first."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
 
 
 def spawn_serve(index: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
@@ -94,7 +138,6 @@ def spawn_serve(index: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
 class Worker:
     index: int
     process: subprocess.Popen[bytes]
-    started: float
 
 
 @dataclass
@@ -112,46 +155,52 @@ class Supervisor:
     _stop_signal: int | None = None
 
     def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+        """The signal handler: forward the first signal once; a second Ctrl-C kills at once."""
         if self._stop_signal is None:
             self._stop_signal = signum
             for worker in self._running:
                 _signal(worker.process, signum)
+        elif signum == signal.SIGINT:
+            logger.warning("interrupted again: killing the workers")
+            for worker in self._running:
+                _signal(worker.process, signal.SIGKILL)
 
     def run(self) -> int:
-        """Supervise until a stop is requested (0) or a worker cannot start (its status)."""
+        """Supervise until a stop is requested (0) or a worker cannot go on (its status)."""
         for index in range(self.workers):
             self._start(index)
         logger.info("started %d workers", self.workers)
         status = 0
         while self._stop_signal is None:
             time.sleep(POLL_SECONDS)
-            failure = self._check()
+            failure = self.check()
             if failure is not None:
                 status = failure
                 self.request_stop(signal.SIGTERM)
         self._wait_all()
         return status
 
-    def _start(self, index: int) -> None:
-        env = dict(self.env) | {WORKER_ENV: str(index), METRICS_DIR_ENV: str(self.metrics_dir)}
-        worker = Worker(index, self.spawn(index, env), self.clock())
-        self._running.append(worker)
-        if self._stop_signal is not None:  # asked to stop while it was being started
-            _signal(worker.process, self._stop_signal)
+    def stop(self) -> None:
+        """Stop the workers still running (none once run() has returned)."""
+        self.request_stop(signal.SIGTERM)
+        self._wait_all()
 
-    def _check(self) -> int | None:
+    def check(self) -> int | None:
         """Restart workers that died; the status to exit with when one cannot be restarted."""
-        if self._stop_signal is not None:  # they are stopping because they were asked to
-            return None
         for worker in list(self._running):
+            if self._stop_signal is not None:  # they stop because they were asked to
+                return None
             status = worker.process.poll()
             if status is None:
                 continue
             self._running.remove(worker)
-            mark_process_dead(worker.process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
-            if status in STARTUP_FAILURES:
-                logger.error("worker %d could not start (status %d)", worker.index, status)
-                return status
+            pid = worker.process.pid
+            mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+            if not has_started(self.metrics_dir, worker.index, pid):
+                logger.error(
+                    "worker %d could not start (status %d): stopping", worker.index, status
+                )
+                return STARTUP_FAILURE
             now = self.clock()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS]
             if len(self._restarts) >= MAX_RESTARTS:
@@ -164,6 +213,17 @@ class Supervisor:
             logger.warning("worker %d died (status %d): restarting it", worker.index, status)
             self._start(worker.index)
         return None
+
+    def _start(self, index: int) -> None:
+        env = dict(self.env) | {
+            WORKER_ENV: str(index),
+            SUPERVISOR_ENV: str(os.getpid()),
+            METRICS_DIR_ENV: str(self.metrics_dir),
+        }
+        worker = Worker(index, self.spawn(index, env))
+        self._running.append(worker)
+        if self._stop_signal is not None:  # asked to stop while it was being started
+            _signal(worker.process, self._stop_signal)
 
     def _wait_all(self) -> None:
         deadline = self.clock() + self.stop_timeout_seconds
@@ -183,9 +243,16 @@ def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
         process.send_signal(signum)
 
 
-def supervise(workers: int, overrides: Mapping[str, str], stop_timeout_seconds: float) -> int:
+def supervise(
+    workers: int, overrides: Mapping[str, str], stop_timeout_seconds: float, host: str, port: int
+) -> int:
     """Run `workers` serving processes with the settings of this one plus `overrides` (env
-    variables), until SIGTERM or SIGINT. Returns the exit status."""
+    variables) on host:port, until SIGTERM, SIGINT or SIGHUP. Returns the exit status."""
+    try:
+        ensure_port_free(host, port)
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     given = os.environ.get(METRICS_DIR_ENV)
     metrics_dir = Path(given) if given else Path(tempfile.mkdtemp(prefix="adscore-metrics-"))
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -197,11 +264,12 @@ def supervise(workers: int, overrides: Mapping[str, str], stop_timeout_seconds: 
     )
     previous = {
         signum: signal.signal(signum, supervisor.request_stop)
-        for signum in (signal.SIGTERM, signal.SIGINT)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     }
     try:
         return supervisor.run()
     finally:
+        supervisor.stop()  # after an exception too: no worker outlives its supervisor
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if not given:

@@ -346,7 +346,7 @@ async def model_stats(request: Request, name: str, version: str | None = None) -
         return _service_error(exc)
     plan = state.models.plan(name)
     assert plan is not None
-    registry = state.metrics.registry
+    registry = state.metrics.exposition  # every worker's, when there are several
 
     def sample(metric: str, **labels: str) -> float:
         return registry.get_sample_value(metric, labels) or 0.0

@@ -15,8 +15,12 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from benchmarks.servers import process_tree
+from service.app import create_app
+from service.settings import Settings
+from service.workers import METRICS_DIR_ENV, WORKER_ENV
 from tests.app.lifecycle_support import Setup, metric_value
-from tests.fixtures import ServerProcess
+from tests.conftest import TrainedFixture
+from tests.fixtures import LiveServer, ServerProcess
 
 REQUESTS = 40
 ROOT = Path(__file__).parents[2]
@@ -25,7 +29,10 @@ SERVE = [sys.executable, "-m", "service.cli", "serve"]
 
 @pytest.fixture
 def supervised(setup: Setup, tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path / "workers.log", **setup.settings(), workers=2)
+    server = ServerProcess(
+        tmp_path / "workers.log", **setup.settings(), workers=2,
+        ad_feature_cache_seconds=60, drift_sample_rate=1.0,
+    )  # fmt: skip
     server.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
     try:
         server.start()
@@ -78,6 +85,27 @@ def test_two_workers_share_the_port_and_metrics_add_up(
     assert len(info) == 1 and info[0].endswith(" 1.0"), info
 
 
+def test_scrape_time_metrics_are_added_up_over_workers(
+    setup: Setup, supervised: ServerProcess
+) -> None:
+    """The hot-ad cache's counts and the drift window, kept in each worker, are mirrored into
+    the shared files: a scrape counts every worker's lookups and sampled rows."""
+    score_on_fresh_connections(setup, supervised, REQUESTS)
+    rows = REQUESTS * len(setup.ad_ids)
+    model = {"model": setup.name, "version": "1"}
+    deadline = time.monotonic() + 20
+    while True:
+        text = httpx.get(f"{supervised.url}/metrics", timeout=10).text
+        hits = metric_value(text, "adscore_ad_feature_cache_lookups_total", result="hit") or 0
+        misses = metric_value(text, "adscore_ad_feature_cache_lookups_total", result="miss") or 0
+        window = metric_value(text, "adscore_drift_window_rows", **model)
+        if hits + misses == rows and window == rows:
+            break
+        assert time.monotonic() < deadline, f"lookups {hits}+{misses}, window {window} of {rows}"
+        time.sleep(0.5)
+    assert hits > 0 and misses > 0  # both workers read the ads once, then from their cache
+
+
 def test_a_killed_worker_is_replaced_and_its_counts_are_kept(
     setup: Setup, supervised: ServerProcess
 ) -> None:
@@ -106,6 +134,61 @@ def test_sigterm_stops_every_worker_and_exits_cleanly(supervised: ServerProcess)
     assert supervised.process.wait(timeout=60) == 0
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(supervised: ServerProcess) -> None:
+    assert supervised.process is not None
+    workers = workers_of(supervised)
+    supervised.process.kill()  # SIGKILL: no handler runs, no worker is told
+    supervised.process.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while alive := [pid for pid in workers if is_running(pid)]:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+        time.sleep(0.1)
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()  # a zombie has stopped
+    except FileNotFoundError:
+        return False
+
+
+def test_a_port_in_use_is_refused_before_any_worker_starts(setup: Setup, tmp_path: Path) -> None:
+    holder = ServerProcess(tmp_path / "holder.log", **setup.settings())
+    holder.start()
+    try:
+        env = os.environ | {
+            "ADSCORE_WORKERS": "2",
+            "ADSCORE_PORT": str(holder.port),
+            "ADSCORE_AUTH_ENABLED": "false",
+        }
+        result = subprocess.run(SERVE, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.stop()
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{holder.port}" in result.stderr
+
+
+def test_readiness_waits_until_every_worker_has_started(
+    trained: TrainedFixture, feature_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This process plays worker 0 of 2; worker 1 announces itself later.
+    monkeypatch.setenv(WORKER_ENV, "0")
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    settings = Settings(
+        model_repository=trained.repository, redis_url=feature_redis, auth_enabled=False, workers=2
+    )
+    server = LiveServer(create_app(settings))
+    server.start()
+    try:
+        response = httpx.get(f"{server.url}/readyz", timeout=10)
+        assert response.status_code == 503
+        assert response.json()["reason"] == "1 of 2 workers still starting"
+        (tmp_path / "ready-1").write_text("4242")
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor(setup: Setup, tmp_path: Path) -> None:
