@@ -198,3 +198,20 @@ def test_a_port_someone_listens_on_is_refused() -> None:
         with pytest.raises(OSError):
             ensure_port_free("127.0.0.1", port)
     ensure_port_free("127.0.0.1", port)  # free again once it closed
+
+
+def test_a_workers_socket_is_bound_but_takes_no_connection_before_it_listens() -> None:
+    from service.server import reuse_port_socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sock = reuse_port_socket("127.0.0.1", port)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+        with pytest.raises(ConnectionRefusedError):  # the kernel sends it nobody yet
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        sock.listen()  # what uvicorn does once the lifespan has loaded the models
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        sock.close()
