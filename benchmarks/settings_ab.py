@@ -174,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     population.add_model_flags(parser)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
-    table = summary(run(args))
+    rounds = run(args)
+    table = summary(rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": shlex.join(["python", "-m", "benchmarks.settings_ab", *raw]),
         "medians": table,
+        "rounds": rounds,  # every round's row, so that other ratios can be derived later
     }
     (args.out / "settings_ab.json").write_text(json.dumps(result, indent=2))
     for row in table:

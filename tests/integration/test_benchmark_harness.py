@@ -246,9 +246,14 @@ def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
          "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
-    medians = orjson.loads((tmp_path / "settings_ab.json").read_bytes())["medians"]
+    written = orjson.loads((tmp_path / "settings_ab.json").read_bytes())
+    medians = written["medians"]
     assert [m["variant"] for m in medians] == ["off", "all"]
     assert all(m["p99_ms"] > 0 and m["rejected"] == 0 for m in medians)
+    # Every round's row is kept too, so that other ratios can be derived from the file.
+    assert list(written["rounds"]) == ["off", "all"]
+    for median_row, rows in zip(medians, written["rounds"].values(), strict=True):
+        assert [r["requests_per_second"] for r in rows] == [median_row["requests_per_second"]]
 
 
 def test_explain_benchmark_times_plain_and_explained_requests() -> None:
