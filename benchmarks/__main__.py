@@ -66,6 +66,11 @@ def main() -> int:
         help="adscore's serving processes (ADSCORE_WORKERS); the in-process limit runs in as "
         "many (default 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--setting", type=population.parse_setting, action="append", default=[],
+        metavar="NAME=VALUE", help="an adscore setting for the served process, as in README "
+        "Configuration without ADSCORE_ (repeatable), e.g. --setting inference_threads=1",
+    )  # fmt: skip
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive service")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny and short")
     population.add_model_flags(parser)
@@ -92,6 +97,7 @@ def main() -> int:
         "mean_candidates": sum(len(c.ad_ids) for c in calls) / len(calls),
         "seconds_per_point": args.seconds,
         "workers": args.workers,
+        "settings": dict(args.setting),
     }
     with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -109,9 +115,8 @@ def main() -> int:
         )
         print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
         log = args.out / "adscore.log"
-        with servers.adscore(
-            args.model_repository, redis.url, log, model_name=args.model, workers=str(args.workers)
-        ) as service:
+        served = {"model_name": args.model, "workers": str(args.workers)} | dict(args.setting)
+        with servers.adscore(args.model_repository, redis.url, log, **served) as service:
             results["adscore"] = _contender("adscore", service, calls, folder, args)
         if not args.skip_naive:
             with servers.naive(

@@ -62,6 +62,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="pcvr", help="model name, its active version serves")
 
 
+def parse_setting(text: str) -> tuple[str, str]:
+    """'max_in_flight=32' -> ('max_in_flight', '32'): an adscore setting as in README,
+    Configuration, without the ADSCORE_ prefix."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected setting=value")
+    return name.strip(), value.strip()
+
+
 def active_model(repository: Path, name: str) -> ModelMetadata:
     """The active version's metadata; a clear exit when it cannot be benchmarked."""
     try:

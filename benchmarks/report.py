@@ -121,6 +121,15 @@ def _model_line(results: dict[str, Any]) -> str:
     return f"Model: {model['name']} v{model['version']} ({model['architecture']})."
 
 
+def _serving_line(results: dict[str, Any]) -> str:
+    workers = int(results.get("workers", 1))
+    settings = results.get("settings") or {}
+    served = f"adscore served with {workers} worker{'s' if workers > 1 else ''}"
+    if settings:
+        served += " and " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    return served + "."
+
+
 def write_report(results: dict[str, Any], folder: Path) -> Path:
     has_plot = plot(results, folder / "latency.png")
     lines = [
@@ -128,6 +137,7 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
         "",
         f"`{results['command']}` on {results['started']}; {results['machine']}.",
         _model_line(results),
+        _serving_line(results),
         f"Population {results['population']['users']:,} users and "
         f"{results['population']['ads']:,} ads (Zipf popularity), "
         f"{results['population']['requests']:,} distinct requests of {results['candidates']} "

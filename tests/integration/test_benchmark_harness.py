@@ -344,6 +344,15 @@ def test_the_in_process_limit_runs_in_as_many_processes_as_workers(
         "command": "python -m benchmarks --workers 2", "started": "now", "machine": "2 cores",
         "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 16,
         "mean_candidates": 16.0, "seconds_per_point": 1.0, "workers": 2, "in_process": limit,
-        "adscore": _contender(90_000.0, 8.0),
+        "settings": {"inference_threads": "1"}, "adscore": _contender(90_000.0, 8.0),
     }  # fmt: skip
-    assert "on 2 processes of 2 threads, no HTTP" in write_report(results, tmp_path).read_text()
+    report = write_report(results, tmp_path).read_text()
+    assert "on 2 processes of 2 threads, no HTTP" in report
+    assert "adscore served with 2 workers and inference_threads=1." in report
+
+
+def test_benchmark_settings_parse_like_the_ab_variants() -> None:
+    assert population.parse_setting(" inference_threads = 1 ") == ("inference_threads", "1")
+    for bad in ("inference_threads", "=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected setting=value"):
+            population.parse_setting(bad)
