@@ -30,12 +30,16 @@ def _configure_logging(level: str, worker: int | None = None) -> None:
     )
 
 
+# Settings that `serve` and `demo` also take as flags (--model-repository for model_repository).
+FLAG_SETTINGS = ("host", "port", "model_repository", "model_name", "redis_url",
+                 "feature_namespace", "execution_provider", "log_level", "workers")  # fmt: skip
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as command-line flags."""
     return {
         name: getattr(args, name)
-        for name in ("host", "port", "model_repository", "model_name", "redis_url",
-                     "feature_namespace", "execution_provider", "log_level")
+        for name in FLAG_SETTINGS
         if getattr(args, name, None) is not None
     }  # fmt: skip
 
@@ -755,6 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_service_flags(serve)
     _add_model_flags(serve)
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="serving processes sharing the port (ADSCORE_WORKERS; default 1)",
+    )  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser(
@@ -865,7 +873,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_error(exc: Any) -> str:
+    """One line per invalid setting, named as the user set it (variable or flag)."""
+    lines = ["error: invalid settings:"]
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"])
+        where = f"ADSCORE_{name.upper()}"
+        if name in FLAG_SETTINGS:
+            where += f" (or --{name.replace('_', '-')})"
+        lines.append(f"  {where}: {error['msg']}, got {error.get('input')!r}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     from feature_client.loader import FeatureFileError
     from feature_client.spec import SpecError
     from models.synthetic import DatasetMismatch
@@ -876,6 +898,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except (RepositoryError, DatasetMismatch, FeatureFileError, SpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        print(settings_error(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -179,3 +179,26 @@ def test_train_publishes_a_version_and_prints_its_metrics(tmp_path: Path) -> Non
     repository = ModelRepository(tmp_path)
     assert repository.active_version("pcvr") == 1
     assert repository.read_metadata("pcvr", 1).training["rows"] == 6000
+
+
+def test_invalid_settings_are_named_in_one_line_each_not_a_traceback() -> None:
+    env = os.environ | {"ADSCORE_MAX_IN_FLIGHT": "-1", "ADSCORE_AUTH_ENABLED": "false"}
+    result = subprocess.run(
+        [*ADSCORE, "serve", "--workers", "0"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: invalid settings:",
+        "  ADSCORE_WORKERS (or --workers): Input should be greater than or equal to 1, got 0",
+        "  ADSCORE_MAX_IN_FLIGHT: Input should be greater than or equal to 1, got '-1'",
+    ]
+
+
+def test_serve_takes_workers_as_a_flag() -> None:
+    env = os.environ | {"ADSCORE_AUTH_ENABLED": "false"}
+    result = subprocess.run(
+        [*ADSCORE, "serve", "--workers", "2", "--port", "0"], env=env, capture_output=True,
+        text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "ADSCORE_WORKERS > 1 needs a fixed port" in result.stderr
