@@ -35,7 +35,6 @@ from service.routes import metrics as metrics_route
 from service.scoring import ScoringPipeline
 from service.settings import Settings
 from service.state import ServiceState
-from service.workers import announce_ready
 
 logger = logging.getLogger("adscore")
 
@@ -142,7 +141,7 @@ async def poll_repository(manager: ModelManager, keys: KeyRing, interval: float)
             logger.exception("polling the model repository failed")
 
 
-MIRROR_SECONDS = 2.0
+MIRROR_SECONDS = 5.0
 
 
 async def mirror_metrics(mirror: MultiprocessMirror) -> None:
@@ -209,7 +208,6 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             gc.collect()
             gc.freeze()
             logger.info("ready: model %s version %d", plan.name, plan.active.version)
-            announce_ready()
             yield
             app.state.service.shutting_down = True
 

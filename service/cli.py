@@ -877,7 +877,7 @@ def settings_error(exc: Any) -> str:
     """One line per invalid setting, named as the user set it (variable or flag)."""
     lines = ["error: invalid settings:"]
     for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"])
+        name = str(error["loc"][0]) if error["loc"] else "settings"
         where = f"ADSCORE_{name.upper()}"
         if name in FLAG_SETTINGS:
             where += f" (or --{name.replace('_', '-')})"
@@ -887,6 +887,7 @@ def settings_error(exc: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from feature_client.loader import FeatureFileError
     from feature_client.spec import SpecError
@@ -903,6 +904,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.title != "Settings":
             raise
         print(settings_error(exc), file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a value that does not parse (a list that is not JSON)
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

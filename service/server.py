@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.settings import Settings
+from service.workers import announce_ready
 
 logger = logging.getLogger("adscore")
 
@@ -26,6 +27,11 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._delay = delay_seconds
         self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # listening now: as a worker, tell the supervisor and the siblings
+            announce_ready()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = getattr(self._app.state, "service", None)

@@ -109,9 +109,30 @@ def follow_supervisor() -> None:
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if supervisor is None or not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        failed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0
+    except (AttributeError, OSError):  # a libc without prctl
+        failed = True
+    if failed:
+        logger.warning(
+            "could not ask to be stopped with the supervisor (errno %d)", ctypes.get_errno()
+        )
     if os.getppid() != int(supervisor):  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """A lock on host:port for this supervisor's life (OSError when another holds it): an
+    abstract Unix socket named after the port, freed by the kernel when the process ends, and
+    private to the network namespace, like the port. It covers what ensure_port_free cannot
+    see: another supervisor whose workers have bound the port but not listened yet."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0adscore-port-{host}:{port}")
+    except OSError:
+        lock.close()
+        raise
+    return lock
 
 
 def ensure_port_free(host: str, port: int) -> None:
@@ -155,11 +176,12 @@ class Supervisor:
     _stop_signal: int | None = None
 
     def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
-        """The signal handler: forward the first signal once; a second Ctrl-C kills at once."""
+        """The signal handler: forward the first signal once (SIGHUP as SIGTERM, which uvicorn
+        drains on; SIGHUP would kill a worker mid-request); a second Ctrl-C kills at once."""
         if self._stop_signal is None:
-            self._stop_signal = signum
+            self._stop_signal = signal.SIGTERM if signum == signal.SIGHUP else signum
             for worker in self._running:
-                _signal(worker.process, signum)
+                _signal(worker.process, self._stop_signal)
         elif signum == signal.SIGINT:
             logger.warning("interrupted again: killing the workers")
             for worker in self._running:
@@ -249,8 +271,14 @@ def supervise(
     """Run `workers` serving processes with the settings of this one plus `overrides` (env
     variables) on host:port, until SIGTERM, SIGINT or SIGHUP. Returns the exit status."""
     try:
+        lock = claim_port(host, port)
+    except OSError:
+        print(f"error: another adscore supervisor serves {host}:{port}", file=sys.stderr)
+        return 2
+    try:
         ensure_port_free(host, port)
     except OSError as exc:
+        lock.close()
         print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     given = os.environ.get(METRICS_DIR_ENV)
@@ -274,3 +302,4 @@ def supervise(
             signal.signal(signum, handler)
         if not given:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        lock.close()

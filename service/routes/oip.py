@@ -346,10 +346,15 @@ async def model_stats(request: Request, name: str, version: str | None = None) -
         return _service_error(exc)
     plan = state.models.plan(name)
     assert plan is not None
-    registry = state.metrics.exposition  # every worker's, when there are several
+    # Collected once: with several workers, a collection reads every worker's metrics files.
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in state.metrics.exposition.collect()
+        for s in family.samples
+    }
 
     def sample(metric: str, **labels: str) -> float:
-        return registry.get_sample_value(metric, labels) or 0.0
+        return float(samples.get((metric, tuple(sorted(labels.items()))), 0.0))
 
     requests = int(sample("adscore_model_request_duration_seconds_count", model=name))
     nanoseconds = int(sample("adscore_model_request_duration_seconds_sum", model=name) * 1e9)

@@ -202,3 +202,11 @@ def test_serve_takes_workers_as_a_flag() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "ADSCORE_WORKERS > 1 needs a fixed port" in result.stderr
+
+
+def test_a_setting_that_does_not_parse_is_named_not_a_traceback() -> None:
+    env = os.environ | {"ADSCORE_WARMUP_BATCH_SIZES": "not json"}
+    result = subprocess.run([*ADSCORE, "serve"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: invalid settings:")
+    assert "warmup_batch_sizes" in result.stderr and "Traceback" not in result.stderr

@@ -182,6 +182,7 @@ def test_readiness_waits_until_every_worker_has_started(
     server = LiveServer(create_app(settings))
     server.start()
     try:
+        (tmp_path / "ready-0").write_text(str(os.getpid()))  # what DrainingServer announces
         response = httpx.get(f"{server.url}/readyz", timeout=10)
         assert response.status_code == 503
         assert response.json()["reason"] == "1 of 2 workers still starting"

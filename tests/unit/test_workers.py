@@ -19,6 +19,7 @@ from service.workers import (
     WORKER_ENV,
     Supervisor,
     announce_ready,
+    claim_port,
     ensure_port_free,
     has_started,
     workers_starting,
@@ -215,3 +216,21 @@ def test_a_workers_socket_is_bound_but_takes_no_connection_before_it_listens() -
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         sock.close()
+
+
+def test_sighup_is_forwarded_as_sigterm_which_workers_drain_on(tmp_path: Path) -> None:
+    spawner = Spawner(tmp_path, lambda n: FakeProcess(100 + n))
+    target = started(supervisor(spawner), 2)
+    target.request_stop(signal.SIGHUP)
+    assert [p.signals for _, p in spawner.spawned] == [[signal.SIGTERM], [signal.SIGTERM]]
+
+
+def test_one_supervisor_per_port_even_before_its_workers_listen() -> None:
+    lock = claim_port("127.0.0.1", 1)
+    try:
+        with pytest.raises(OSError):
+            claim_port("127.0.0.1", 1)
+        claim_port("127.0.0.1", 2).close()  # another port is another lock
+    finally:
+        lock.close()
+    claim_port("127.0.0.1", 1).close()  # free once its holder let go
