@@ -103,8 +103,7 @@ def main() -> int:
         folder = Path(tmp)
         population.load_population(redis.url, world, metadata.spec())
         print(f"in-process limit ({args.workers} x 2 threads, no HTTP)", flush=True)
-        results["in_process"] = inprocess.in_process_limit_processes(
-            args.workers,
+        results["in_process"] = inprocess.in_process_limit(
             args.model_repository,
             args.model,
             redis.url,
@@ -112,6 +111,7 @@ def main() -> int:
             contexts,
             threads=2,
             seconds=args.seconds,
+            processes=args.workers,
         )
         print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
         log = args.out / "adscore.log"

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from service.repository import ModelRepository
 from service.settings import Settings
 
 
-def in_process_limit(
+def _measure(
     repository: Path,
     model_name: str,
     redis_url: str,
@@ -36,8 +37,8 @@ def in_process_limit(
     seconds: float,
     start_at: float | None = None,
 ) -> dict[str, float]:
-    """Candidates and requests per second, and CPU seconds per request, over `seconds` (from
-    the wall-clock time `start_at`, when given, so that several processes measure together)."""
+    """One process's rates and CPU over `seconds` (from the wall-clock time `start_at`, when
+    given, so that several processes measure together)."""
     repo = ModelRepository(repository)
     model = load_version(repo, model_name, repo.active_version(model_name), Settings())
     keys = KeyLayout("adscore")
@@ -85,8 +86,7 @@ def in_process_limit(
     }
 
 
-def in_process_limit_processes(
-    processes: int,
+def in_process_limit(
     repository: Path,
     model_name: str,
     redis_url: str,
@@ -95,30 +95,22 @@ def in_process_limit_processes(
     *,
     threads: int,
     seconds: float,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """The limit measured in `processes` processes at once (as adscore's workers), summed."""
+    """Candidates and requests per second, and CPU per request, over `seconds`, in `processes`
+    processes at once (as adscore's workers) of `threads` threads each, summed."""
+    measure = partial(_measure, repository, model_name, redis_url, threads=threads, seconds=seconds)
     if processes == 1:
-        return in_process_limit(
-            repository, model_name, redis_url, calls, contexts, threads=threads, seconds=seconds
-        )
-    start_at = time.time() + 5.0  # every process has loaded its model by then
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        futures = [
-            pool.submit(
-                in_process_limit,
-                repository,
-                model_name,
-                redis_url,
-                calls[i::processes],
-                contexts[i::processes],
-                threads=threads,
-                seconds=seconds,
-                start_at=start_at,
-            )
-            for i in range(processes)
-        ]
-        parts = [f.result() for f in futures]
+        parts = [measure(calls, contexts)]
+    else:
+        start_at = time.time() + 5.0  # every process has loaded its model by then
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            futures = [
+                pool.submit(measure, calls[i::processes], contexts[i::processes], start_at=start_at)
+                for i in range(processes)
+            ]
+            parts = [f.result() for f in futures]
     requests = sum(p["requests"] for p in parts)
     cpu_seconds = sum(p["cpu_seconds"] for p in parts)
     return {

@@ -333,8 +333,8 @@ def test_the_in_process_limit_runs_in_as_many_processes_as_workers(
     population.load_population(redis_url, world, DEMO.read_metadata("pcvr", 1).spec())
     calls = population.request_mix(world, 40, candidates=16)
     contexts = [orjson.loads(c.body)["context"] for c in calls]
-    limit = inprocess.in_process_limit_processes(
-        2, DEMO.root, "pcvr", redis_url, calls, contexts, threads=1, seconds=1.0
+    limit = inprocess.in_process_limit(
+        DEMO.root, "pcvr", redis_url, calls, contexts, threads=1, seconds=1.0, processes=2
     )
     assert len(limit["requests_per_process"]) == 2
     assert all(n > 0 for n in limit["requests_per_process"])
