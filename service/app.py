@@ -208,6 +208,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             gc.collect()
             gc.freeze()
             logger.info("ready: model %s version %d", plan.name, plan.active.version)
+            metrics.process_starts.inc()
             yield
             app.state.service.shutting_down = True
 

@@ -416,6 +416,12 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.process_starts = Counter(
+            "adscore_process_starts",
+            "Serving processes that started in this replica: with several workers one per worker "
+            "and one more per restart of a worker (a rise after start-up is a crash).",
+            registry=registry,
+        )
         self.prediction_log_rows = Counter(
             "adscore_prediction_log_rows",
             "Candidate rows of sampled requests by what became of them in the prediction log: "

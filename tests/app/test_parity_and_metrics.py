@@ -78,6 +78,7 @@ def test_metrics_show_stage_histograms_after_a_request(service: RunningService) 
     assert _sample(text, "adscore_requests_total", route="/v1/score", status="200") >= 1
     assert _sample(text, "adscore_request_duration_seconds_count", route="/v1/score") >= 1
     assert _sample(text, "adscore_candidates_per_request_count") >= 1
+    assert _sample(text, "adscore_process_starts_total") == 1  # one process, started once
     assert _sample(text, "adscore_missing_features_total", entity="ad") >= 1
     assert (
         _sample(

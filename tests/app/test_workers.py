@@ -124,6 +124,10 @@ def test_a_killed_worker_is_replaced_and_its_counts_are_kept(
     text = httpx.get(f"{supervised.url}/metrics", timeout=10).text
     total = metric_value(text, "adscore_requests_total", route="/v1/score", status="200")
     assert total == 20
+    while metric_value(text, "adscore_process_starts_total") != 3:  # two workers, one restart
+        assert time.monotonic() < deadline, "the replacement never finished starting"
+        time.sleep(0.1)
+        text = httpx.get(f"{supervised.url}/metrics", timeout=10).text
     assert "worker 0 died" in supervised.log() or "worker 1 died" in supervised.log()
 
 
