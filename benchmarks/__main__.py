@@ -1,4 +1,5 @@
-"""The benchmark harness: adscore against the in-process limit and a naive service, in one run.
+"""The benchmark harness: adscore against the in-process limit, the HTTP floor and a naive
+service, in one run.
 
     python -m benchmarks --out bench-report            # 16-512 candidates, 10 s per point
     python -m benchmarks --candidates 256 --seconds 20
@@ -114,6 +115,11 @@ def main() -> int:
             processes=args.workers,
         )
         print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
+        print(f"HTTP floor ({args.workers} process(es), JSON in and out, nothing else)", flush=True)
+        with servers.http_floor(args.out / "floor.log", args.workers) as service:
+            floor = closed_loop_point(service, calls, folder, args.connections, args.seconds)
+        results["http_floor"] = floor
+        print(f"  {floor['requests_per_second']:.0f} requests/s", flush=True)
         log = args.out / "adscore.log"
         served = {"model_name": args.model, "workers": str(args.workers)} | dict(args.setting)
         with servers.adscore(args.model_repository, redis.url, log, **served) as service:

@@ -21,6 +21,7 @@ def closed_loop_point(
     sizes = [len(c.ad_ids) for c in calls]
     mean_size = sum(sizes) / len(sizes)
     cpu = servers.cpu_seconds(service.pid)
+    loop_cpu = servers.main_thread_cpu_seconds(service.pid)
     if wrk.available():
         raw = wrk.run_wrk(
             service.port, [c.body for c in calls], folder, connections=connections, seconds=seconds
@@ -47,9 +48,11 @@ def closed_loop_point(
         }
         requests, generator_cpu = result.completed, result.generator_cpu_seconds
     server_cpu = servers.cpu_seconds(service.pid) - cpu
+    loop_cpu = servers.main_thread_cpu_seconds(service.pid) - loop_cpu
     row["requests"] = requests
     row["candidates_per_second"] = row["requests_per_second"] * mean_size
     row["server_cpu_ms_per_request"] = server_cpu / max(1, requests) * 1000
+    row["event_loop_cpu_ms_per_request"] = loop_cpu / max(1, requests) * 1000
     row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
     row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
     return row

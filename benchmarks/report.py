@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.http_floor import efficiency_ceiling
+
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
@@ -21,6 +23,19 @@ def headline(results: dict[str, Any]) -> list[str]:
         f"HTTP = {_ratio(closed['candidates_per_second'], limit)} the in-process limit "
         f"({limit:,.0f}/s)."
     )
+    floor = results.get("http_floor")  # absent from reports written before it was measured
+    if floor:
+        ceiling = efficiency_ceiling(
+            results["in_process"]["requests_per_second"], floor["requests_per_second"]
+        )
+        efficiency = closed["candidates_per_second"] / limit if limit else 0.0
+        lines.append(
+            f"- HTTP floor (the same uvicorn, JSON in and out, nothing else): "
+            f"{floor['requests_per_second']:,.0f} requests/s, "
+            f"{floor['server_cpu_ms_per_request']:.3f} ms of server CPU per request. "
+            f"In-process work plus the floor's caps serving efficiency at {ceiling:.2f}x; "
+            f"adscore reaches {_ratio(efficiency, ceiling)} of that cap."
+        )
     at70 = next(p for p in ours["open_loop"] if p["load"] == 0.7)
     unloaded = ours["unloaded"]["p50_ms"]
     lines.append(
@@ -61,7 +76,8 @@ def _table(name: str, contender: dict[str, Any]) -> list[str]:
         f"{closed['requests_per_second']:,.0f} requests/s, "
         f"{closed['candidates_per_second']:,.0f} candidates/s, p50 {closed['p50_ms']:.1f} ms, "
         f"p99 {closed['p99_ms']:.1f} ms, server CPU {closed['server_cpu_ms_per_request']:.2f} ms "
-        f"per request, generator CPU {closed['generator_cpu_ms_per_request']:.2f} ms per request, "
+        f"per request{_event_loop_share(closed)}, generator CPU "
+        f"{closed['generator_cpu_ms_per_request']:.2f} ms per request, "
         f"RSS {closed['rss_mb']:.0f} MB, errors {closed['errors']:.0f}.",
         "",
         f"Unloaded (20 requests/s): p50 {contender['unloaded']['p50_ms']:.2f} ms, "
@@ -155,6 +171,7 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
         f"{results['in_process']['candidates_per_second']:,.0f} candidates/s, "
         f"{results['in_process']['cpu_ms_per_request']:.2f} ms CPU per request.",
         "",
+        *_floor_section(results),
         *_table("adscore", results["adscore"]),
     ]
     if "naive" in results:
@@ -165,6 +182,28 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _event_loop_share(closed: dict[str, Any]) -> str:
+    loop = closed.get("event_loop_cpu_ms_per_request")  # absent from earlier reports
+    return "" if loop is None else f" ({loop:.2f} ms of it on the event loop)"
+
+
+def _floor_section(results: dict[str, Any]) -> list[str]:
+    floor = results.get("http_floor")
+    if not floor:
+        return []
+    workers = int(results.get("workers", 1))
+    return [
+        "## HTTP floor",
+        "",
+        f"The same uvicorn in {workers} process{'es' if workers > 1 else ''}, answering each "
+        "request with constant scores after parsing its JSON: "
+        f"{floor['requests_per_second']:,.0f} requests/s, "
+        f"{floor['server_cpu_ms_per_request']:.3f} ms server CPU per request, "
+        f"generator CPU {floor['generator_cpu_ms_per_request']:.3f} ms per request.",
+        "",
+    ]
 
 
 def _layout(results: dict[str, Any]) -> str:

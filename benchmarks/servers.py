@@ -30,16 +30,25 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
+def _ticks(stat: Path) -> int:
+    """User + system CPU clock ticks from a /proc stat file (0 once it has gone)."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time so far of a process and its live descendants."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+    return sum(_ticks(Path(f"/proc/{member}/stat")) for member in process_tree(pid)) / CLOCK_TICKS
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU time so far of the main threads of a process and its live descendants: in a
+    uvicorn server, the event loops, where every request's Python work runs."""
+    ticks = sum(_ticks(Path(f"/proc/{m}/task/{m}/stat")) for m in process_tree(pid))
+    return ticks / CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:
@@ -114,3 +123,10 @@ def naive(repository: Path, redis_url: str, log: Path, model_name: str = "pcvr")
             "--redis-url", redis_url, "--model-repository", str(repository),
             "--model-name", model_name]  # fmt: skip
     return Service("naive", argv, {}, log, "/docs")
+
+
+def http_floor(log: Path, workers: int = 1) -> Service:
+    """HTTP and JSON alone (benchmarks/http_floor.py), in `workers` processes."""
+    argv = [sys.executable, "-m", "benchmarks.http_floor", "--port", "{port}",
+            "--workers", str(workers)]  # fmt: skip
+    return Service("HTTP floor", argv, {}, log, "/")

@@ -18,13 +18,24 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks import explain, inprocess, loadgen, log_reading, population, providers, settings_ab
+from benchmarks import (
+    explain,
+    inprocess,
+    loadgen,
+    log_reading,
+    population,
+    providers,
+    servers,
+    settings_ab,
+)
+from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.naive_service import build_app
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
 from service.app import create_app
 from service.repository import ModelRepository
 from service.schemas import RequestLimits, parse_score_request
+from service.scoring import ScoreResult
 from service.settings import Settings
 from tests.fixtures import LiveServer
 
@@ -176,7 +187,71 @@ def test_report_states_the_target_ratios(tmp_path: Path) -> None:
     assert "9.00x candidates/s" in lines[3] and "120.0 ms" in lines[3]
     report = write_report(results, tmp_path).read_text()
     assert "| 70% | 70 | 63 | 6,300 |" in report
+    assert "HTTP floor" not in report  # not measured in this run
     assert orjson.loads(orjson.dumps(results)) == results  # results.json can hold them
+
+
+def test_report_holds_adscore_against_the_in_process_limit_plus_the_http_floor(
+    tmp_path: Path,
+) -> None:
+    assert efficiency_ceiling(400.0, 9_600.0) == pytest.approx(0.96)
+    results = {
+        "command": "python -m benchmarks", "started": "now", "machine": "2 cores",
+        "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 256,
+        "mean_candidates": 256.0, "seconds_per_point": 1.0,
+        "in_process": {"requests_per_second": 400.0, "candidates_per_second": 102_400.0,
+                       "cpu_ms_per_request": 4.0},
+        "http_floor": {"requests_per_second": 9_600.0, "server_cpu_ms_per_request": 0.1,
+                       "generator_cpu_ms_per_request": 0.02},
+        "adscore": _contender(92_160.0, 8.0),
+    }  # fmt: skip
+    floor_line = next(line for line in headline(results) if "HTTP floor" in line)
+    assert "9,600 requests/s" in floor_line
+    assert "caps serving efficiency at 0.96x; adscore reaches 0.94x of that cap" in floor_line
+    results["adscore"]["closed_loop"]["event_loop_cpu_ms_per_request"] = 1.25
+    report = write_report(results, tmp_path).read_text()
+    assert "## HTTP floor" in report and "0.100 ms server CPU per request" in report
+    assert "(1.25 ms of it on the event loop)" in report
+
+
+def test_server_cpu_is_split_into_the_main_threads_and_the_rest() -> None:
+    burner = (
+        "import threading, time\n"
+        "def burn():\n"
+        "    end = time.process_time() + 0.6\n"
+        "    while time.process_time() < end: pass\n"
+        "t = threading.Thread(target=burn); t.start(); t.join()\n"
+        "print('done', flush=True); time.sleep(30)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", burner], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"done\n"
+        total = servers.cpu_seconds(process.pid)
+        main = servers.main_thread_cpu_seconds(process.pid)
+    finally:
+        process.kill()
+        process.communicate()
+    assert total >= 0.6  # the burning thread's CPU counts for the process...
+    assert main < total - 0.5  # ...not for its main thread, which only waited
+
+
+def test_http_floor_answers_in_adscores_shape_from_as_many_processes(
+    world: SyntheticWorld, tmp_path: Path
+) -> None:
+    calls = population.request_mix(world, 6, candidates=16)
+    expected_keys = set(
+        ScoreResult(None, "m", 1, "active", np.zeros(1), False, [], False).to_json()
+    )
+    with servers.http_floor(tmp_path / "floor.log", workers=2) as floor:
+        tree = servers.process_tree(floor.pid)
+        assert len(tree) == 3  # the parent and its two serving processes
+        for call in calls:
+            response = httpx.post(f"http://127.0.0.1:{floor.port}/v1/score", content=call.body)
+            assert response.status_code == 200
+            body = response.json()
+            assert set(body) == expected_keys
+            assert len(body["scores"]) == len(call.ad_ids)
+    assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()]  # all stopped
 
 
 def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path) -> None:
