@@ -34,7 +34,13 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"{floor['requests_per_second']:,.0f} requests/s, "
             f"{floor['server_cpu_ms_per_request']:.3f} ms of server CPU per request. "
             f"In-process work plus the floor's caps serving efficiency at {ceiling:.2f}x; "
-            f"adscore reaches {_ratio(efficiency, ceiling)} of that cap."
+            + (
+                f"adscore reaches {_ratio(efficiency, ceiling)} of that cap."
+                if efficiency <= ceiling
+                else f"adscore is above it ({_ratio(efficiency, ceiling)}): its micro-batching "
+                "makes fewer, larger model calls than the in-process limit, which scores one "
+                "request per call."
+            )
         )
     at70 = next(p for p in ours["open_loop"] if p["load"] == 0.7)
     unloaded = ours["unloaded"]["p50_ms"]
