@@ -24,6 +24,8 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
+    sent_latencies: list[float] = field(default_factory=list)
+    """Open loop: from the moment each request was written, without the generator's lateness."""
     candidates: int = 0
     errors: int = 0
     generator_cpu_seconds: float = 0.0
@@ -36,11 +38,13 @@ class LoadResult:
     def ok(self) -> int:
         return sum(1 for s in self.statuses if s == 200)
 
-    def percentile_ms(self, q: float, *, accepted: bool = True) -> float:
-        """Latency percentile of the answered requests (200), or of the refused ones."""
+    def percentile_ms(self, q: float, *, accepted: bool = True, from_send: bool = False) -> float:
+        """Latency percentile of the answered requests (200), or of the refused ones; from the
+        intended send time, or (`from_send`, open loop) from the moment the request was written."""
+        latencies = self.sent_latencies if from_send else self.latencies
         chosen = [
             latency
-            for latency, status in zip(self.latencies, self.statuses, strict=True)
+            for latency, status in zip(latencies, self.statuses, strict=True)
             if (status == 200) == accepted
         ]
         if not chosen:
@@ -166,6 +170,7 @@ async def open_loop(
 
     async def one(index: int, intended: float) -> None:
         conn = await acquire()
+        sent = time.perf_counter()
         try:
             status = await conn.send(payloads[index % len(payloads)])
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -176,7 +181,9 @@ async def open_loop(
                 opened -= 1
                 available.notify()
             return
-        result.latencies.append(time.perf_counter() - intended)
+        answered = time.perf_counter()
+        result.latencies.append(answered - intended)
+        result.sent_latencies.append(answered - sent)
         result.statuses.append(status)
         if status == 200:
             result.candidates += sizes[index % len(sizes)]

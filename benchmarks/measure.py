@@ -79,6 +79,7 @@ def open_loop_point(
         "p99_ms": result.percentile_ms(99),
         "rejected": result.completed - result.ok,
         "rejected_p99_ms": result.percentile_ms(99, accepted=False),
+        "rejected_p99_from_send_ms": result.percentile_ms(99, accepted=False, from_send=True),
         "errors": result.errors,
         "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
         "generator_cpu_ms_per_request": result.generator_cpu_seconds

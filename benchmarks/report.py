@@ -53,7 +53,8 @@ def headline(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"- At 150 % load: {shed} requests shed"
         + (
-            f" (p99 of a refusal {at150.get('rejected_p99_ms', float('nan')):.1f} ms)"
+            f" (p99 of a refusal {at150.get('rejected_p99_ms', float('nan')):.1f} ms from the "
+            f"intended send time{_from_send(at150)})"
             if shed
             else ""
         )
@@ -188,6 +189,11 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _from_send(point: dict[str, Any]) -> str:
+    sent = point.get("rejected_p99_from_send_ms")  # absent from earlier reports
+    return "" if sent is None else f", {sent:.1f} ms from the moment it was sent"
 
 
 def _event_loop_share(closed: dict[str, Any]) -> str:

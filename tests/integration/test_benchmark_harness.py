@@ -98,7 +98,7 @@ class SlowServer:
             writer.close()
 
 
-async def _against_slow_server(kind: str) -> loadgen.LoadResult:
+async def _against_slow_server(kind: str, max_connections: int = 256) -> loadgen.LoadResult:
     server = SlowServer(delay=0.02)
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
@@ -107,8 +107,9 @@ async def _against_slow_server(kind: str) -> loadgen.LoadResult:
         if kind == "open":
             # 100/s offered to a server that does 50/s: the queue grows for the whole second.
             return await loadgen.open_loop(
-                "127.0.0.1", port, payloads, [3], rate=100, seconds=1.0, seed=1
-            )
+                "127.0.0.1", port, payloads, [3], rate=100, seconds=1.0, seed=1,
+                max_connections=max_connections,
+            )  # fmt: skip
         return await loadgen.closed_loop(
             "127.0.0.1", port, payloads, [3], connections=1, seconds=1.0
         )
@@ -212,6 +213,12 @@ def test_report_holds_adscore_against_the_in_process_limit_plus_the_http_floor(
     assert "caps serving efficiency at 0.96x; adscore reaches 0.94x of that cap" in floor_line
     in_process["candidates_per_second"] = 81_920.0  # batching beat it
     assert "adscore is above it (1.17x): its micro-batching" in headline(results)[1]
+    overload = next(point for point in adscore["open_loop"] if point["load"] == 1.5)
+    overload |= {"rejected_p99_ms": 9.0, "rejected_p99_from_send_ms": 1.5}
+    assert (
+        "p99 of a refusal 9.0 ms from the intended send time, 1.5 ms from the moment it was sent"
+        in next(line for line in headline(results) if "150 %" in line)
+    )
     adscore["closed_loop"]["event_loop_cpu_ms_per_request"] = 1.25
     report = write_report(results, tmp_path).read_text()
     assert "## HTTP floor" in report and "0.100 ms server CPU per request" in report
@@ -283,6 +290,14 @@ def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path
     (score,) = [r for r in rows if r["Name"] == "/v1/score"]
     assert int(score["Request Count"]) > 10
     assert int(score["Failure Count"]) == 0
+
+
+def test_latency_from_the_send_leaves_out_what_waited_in_the_generator() -> None:
+    # One connection: arrivals queue in the generator itself, not in the server.
+    opened = asyncio.run(_against_slow_server("open", max_connections=1))
+    assert opened.completed > 30
+    assert opened.percentile_ms(99) > 500  # from the intended send time: the queue counts
+    assert 15 < opened.percentile_ms(99, from_send=True) < 150  # about one service time
 
 
 def test_percentiles_separate_answers_from_refusals() -> None:
