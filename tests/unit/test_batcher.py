@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from feature_client.assembly import ModelInputs
 from service.batcher import BatchingPolicy, MicroBatcher
-from service.errors import DeadlineExceeded, Overloaded
+from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.metrics import Metrics
 
 
@@ -293,3 +293,51 @@ def test_a_delay_never_makes_a_request_miss_its_deadline(
 
     asyncio.run(scenario())
     assert runtime.calls == [2]
+
+
+def test_a_free_thread_starts_the_next_batch_while_the_event_loop_is_busy(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics)
+        busy = await occupy(runtime, engine)
+        queued = asyncio.ensure_future(engine.predict(runtime, rows(0, 3)))
+        await asyncio.sleep(0)
+        runtime.gate.set()
+        # The loop is blocked here, as under load: the thread must take the queued request
+        # by itself rather than wait for the loop to hand it over.
+        started_without_the_loop = runtime.entered.acquire(timeout=5)
+        assert started_without_the_loop
+        await asyncio.gather(busy, queued)
+        np.testing.assert_array_equal(queued.result(), [0, 1, 2])
+        engine.close()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 3]
+
+
+def test_closing_refuses_the_queued_requests_and_stops_the_threads(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, threads=2)
+        first = await occupy(runtime, engine)
+        second = asyncio.ensure_future(engine.predict(runtime, rows(0, 1)))
+        await asyncio.to_thread(runtime.entered.acquire)  # both threads busy now
+        queued = asyncio.ensure_future(engine.predict(runtime, rows(0, 4)))
+        await asyncio.sleep(0)
+        engine.close()
+        with pytest.raises(NotReady, match="shutting down"):
+            await queued
+        with pytest.raises(NotReady, match="shutting down"):
+            await engine.predict(runtime, rows(0, 1))
+        runtime.gate.set()  # the calls running at close still answer
+        await first
+        assert len(await second) == 1
+        for thread in engine._threads:
+            thread.join(timeout=5)
+            assert not thread.is_alive()
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 1]
+    assert sample(metrics, "adscore_queued_rows") == 0
