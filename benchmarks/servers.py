@@ -67,9 +67,16 @@ class Service:
     """A service process on a free loopback port, ready when `ready_path` answers 200."""
 
     def __init__(
-        self, name: str, argv: list[str], env: dict[str, str], log: Path, ready_path: str
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        ready_path: str,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
+        self.cwd = cwd
         self.port = free_port()
         self._argv = [a.replace("{port}", str(self.port)) for a in argv]
         self._env = os.environ | {k: v.replace("{port}", str(self.port)) for k, v in env.items()}
@@ -79,7 +86,9 @@ class Service:
 
     def __enter__(self) -> Service:
         with self._log.open("wb") as out:
-            self.process = subprocess.Popen(self._argv, env=self._env, stdout=out, stderr=out)
+            self.process = subprocess.Popen(
+                self._argv, env=self._env, stdout=out, stderr=out, cwd=self.cwd
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -107,6 +116,15 @@ class Service:
 
 
 def adscore(repository: Path, redis_url: str, log: Path, **settings: str) -> Service:
+    """`adscore serve` from this checkout, with `settings` (names as in README, without the
+    ADSCORE_ prefix)."""
+    return adscore_at(None, repository, redis_url, log, **settings)
+
+
+def adscore_at(
+    root: Path | None, repository: Path, redis_url: str, log: Path, **settings: str
+) -> Service:
+    """`adscore serve` from the checkout at `root` (see checkouts.py), or from this one."""
     env = {
         "ADSCORE_PORT": "{port}",
         "ADSCORE_MODEL_REPOSITORY": str(repository),
@@ -115,7 +133,10 @@ def adscore(repository: Path, redis_url: str, log: Path, **settings: str) -> Ser
         "ADSCORE_LOG_LEVEL": "warning",
         "ADSCORE_MAX_CANDIDATES": "1024",
     } | {f"ADSCORE_{k.upper()}": v for k, v in settings.items()}
-    return Service("adscore", [sys.executable, "-m", "service.cli", "serve"], env, log, "/readyz")
+    if root is not None:  # its packages first, whatever this environment has installed
+        env["PYTHONPATH"] = str(root)
+    argv = [sys.executable, "-m", "service.cli", "serve"]
+    return Service("adscore", argv, env, log, "/readyz", cwd=root)
 
 
 def naive(repository: Path, redis_url: str, log: Path, model_name: str = "pcvr") -> Service:

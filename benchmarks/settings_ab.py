@@ -7,9 +7,11 @@
         --variant "flat:model_repository=REPO_A" --variant "request-once:model_repository=REPO_B"
 
 Each variant is `label:setting=value[,setting=value...]` (settings as in README, Configuration,
-without the ADSCORE_ prefix). One private redis-server with the harness's population; for each
-round, each variant gets a fresh `adscore serve`, a 2 s warm-up, then `--seconds` of Poisson
-arrivals at `--rate` or, with `--connections`, of a closed loop (wrk: maximum throughput).
+without the ADSCORE_ prefix); `code=REF` serves that variant from git revision REF instead of
+this checkout, to measure a code change (benchmarks/checkouts.py). One private redis-server
+with the harness's population; for each round, each variant gets a fresh `adscore serve`, a
+2 s warm-up, then `--seconds` of Poisson arrivals at `--rate` or, with `--connections`, of a
+closed loop (wrk: maximum throughput).
 Prints and writes (to --out) the medians over rounds: requests/s, p50, p99, server and
 redis-server CPU per request, refusals, the hot-ad cache's hit rate when it is on, and each
 variant's requests/s over the first's (median of per-round ratios, so that the machine's drift
@@ -23,6 +25,7 @@ import re
 import shlex
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -32,6 +35,7 @@ import numpy as np
 import orjson
 
 from benchmarks import population, servers
+from benchmarks.checkouts import CheckoutError, checked_out
 from benchmarks.measure import closed_loop_point, open_loop_point
 from feature_client.redis_server import LocalRedisServer
 
@@ -59,7 +63,16 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     calls = population.request_mix(world, args.requests, candidates=args.candidates)
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in args.variant}
     starts = [int(x) for x in np.random.default_rng(0).integers(0, len(calls), args.rounds)]
-    with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
+    with (
+        ExitStack() as checkouts,
+        LocalRedisServer() as redis,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        roots = {
+            label: checkouts.enter_context(checked_out(settings["code"]))
+            for label, settings in args.variant
+            if "code" in settings
+        }
         population.load_population(redis.url, world, metadata.spec())
         assert redis.process is not None
         redis_pid = redis.process.pid
@@ -67,7 +80,9 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             for label, settings in args.variant:
                 log = Path(tmp) / "adscore.log"
                 served = {"model_name": args.model} | settings
-                with servers.adscore(args.model_repository, redis.url, log, **served) as s:
+                served.pop("code", None)
+                root = roots.get(label)
+                with servers.adscore_at(root, args.model_repository, redis.url, log, **served) as s:
                     # Every variant of a round gets the same requests, and the measured ones
                     # are not the warm-up's again (a cache would notice).
                     warm_up, measured = (
@@ -177,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     population.add_model_flags(parser)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
-    rounds = run(args)
+    try:
+        rounds = run(args)
+    except CheckoutError as exc:
+        parser.error(f"code=: {exc}")
     table = summary(rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {

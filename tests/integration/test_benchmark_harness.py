@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from benchmarks import (
+    checkouts,
     explain,
     inprocess,
     loadgen,
@@ -348,6 +349,37 @@ def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
     assert list(written["rounds"]) == ["off", "all"]
     for median_row, rows in zip(medians, written["rounds"].values(), strict=True):
         assert [r["requests_per_second"] for r in rows] == [median_row["requests_per_second"]]
+
+
+def test_a_checkout_of_another_revision_is_served_and_then_removed(
+    redis_url: str, tmp_path: Path
+) -> None:
+    with checkouts.checked_out("HEAD") as root:
+        assert (root / "service" / "batcher.py").is_file()
+        with servers.adscore_at(root, DEMO.root, redis_url, tmp_path / "a.log") as service:
+            assert Path(f"/proc/{service.pid}/cwd").resolve() == root.resolve()
+            environment = Path(f"/proc/{service.pid}/environ").read_bytes().split(b"\0")
+            assert f"PYTHONPATH={root}".encode() in environment
+            assert httpx.get(f"http://127.0.0.1:{service.port}/readyz").status_code == 200
+    assert not root.exists()
+    worktrees = subprocess.run(
+        ["git", "-C", str(checkouts.PROJECT), "worktree", "list"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert str(root) not in worktrees
+
+
+def test_settings_ab_refuses_a_revision_git_does_not_know(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        settings_ab.main(
+            ["--variant", "before:code=no-such-revision-anywhere", "--variant", "after:",
+             "--candidates", "8", "--rounds", "1", "--seconds", "1", "--users", "2000",
+             "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
+        )  # fmt: skip
+    assert stopped.value.code == 2
+    assert "code=: git rev-parse" in capsys.readouterr().err
 
 
 def test_explain_benchmark_times_plain_and_explained_requests() -> None:
