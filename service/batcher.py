@@ -26,6 +26,7 @@ import contextlib
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -114,22 +115,21 @@ class MicroBatcher:
     """Runs model calls on `threads` inference threads, batching requests for the same model."""
 
     def __init__(self, threads: int, policy: BatchingPolicy, metrics: BatchMetrics) -> None:
+        if threads < 1:
+            raise ValueError(f"a micro-batcher needs at least one inference thread, got {threads}")
         self.policy = policy
-        self._metrics = metrics
-        self._queue: deque[_Waiting] = deque()
-        self._queued_rows = 0
-        self._closed = False
-        self._changed = threading.Condition()  # guards the queue, its row count and _closed
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"inference_{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._queue = _BatchQueue(threads, policy, metrics)
+        # The threads hold the queue, not this object: one dropped without close() still stops
+        # them once it is garbage.
+        weakref.finalize(self, self._queue.close)
 
     @property
     def queued_rows(self) -> int:
-        return self._queued_rows
+        return self._queue.queued_rows
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return self._queue.threads
 
     async def predict(
         self, runtime: ModelRuntime, inputs: ModelInputs, deadline: float | None = None
@@ -140,6 +140,38 @@ class MicroBatcher:
         DeadlineExceeded instead of being scored late. Raises Overloaded, without queueing,
         when its rows would push the queue past `max_queued_rows`.
         """
+        return await self._queue.predict(runtime, inputs, deadline)
+
+    def close(self) -> None:
+        """Refuse the requests still queued and stop the inference threads once the calls
+        running now are done (they are daemon threads: nothing waits for them at exit)."""
+        self._queue.close()
+
+
+class _BatchQueue:
+    """The queue shared by the event loop and the inference threads, and the threads."""
+
+    def __init__(self, threads: int, policy: BatchingPolicy, metrics: BatchMetrics) -> None:
+        self.policy = policy
+        self._metrics = metrics
+        self._queue: deque[_Waiting] = deque()
+        self._queued_rows = 0
+        self._closed = False
+        self._changed = threading.Condition()  # guards the queue, its row count and _closed
+        self.threads = [
+            threading.Thread(target=self._serve, name=f"inference_{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def predict(
+        self, runtime: ModelRuntime, inputs: ModelInputs, deadline: float | None
+    ) -> Logits:
         rows = len(inputs)
         limit = self.policy.max_queued_rows
         loop = asyncio.get_running_loop()
@@ -171,8 +203,6 @@ class MicroBatcher:
             raise
 
     def close(self) -> None:
-        """Stop the inference threads once the calls running now are done; requests still
-        queued are refused."""
         with self._changed:
             self._closed = True
             dropped = list(self._queue)
@@ -194,15 +224,23 @@ class MicroBatcher:
                 batch = self._next_batch()
             if batch is None:
                 return
+            self._run(batch)
+            del batch  # an idle thread holds no request's arrays
+
+    def _run(self, batch: list[_Waiting]) -> None:
+        """One model call; whatever goes wrong reaches the batch's callers, never the thread."""
+        try:
             inputs = concatenate_inputs([w.inputs for w in batch])
             self._metrics.batch_rows.observe(len(inputs))
             self._metrics.batch_requests.observe(len(batch))
-            try:
-                logits = batch[0].runtime.predict(inputs)
-            except Exception as exc:  # the batch's callers get it; the thread goes on
-                _settle_soon(batch, None, exc)
-            else:
-                _settle_soon(batch, logits, None)
+            logits = batch[0].runtime.predict(inputs)
+        except Exception as exc:
+            _settle_soon(batch, None, exc)
+        except BaseException:
+            _settle_soon(batch, None, NotReady("the inference thread stopped"))
+            raise
+        else:
+            _settle_soon(batch, logits, None)
 
     def _next_batch(self) -> list[_Waiting] | None:
         """Under the lock: wait until a batch is due and take it; None once closed."""

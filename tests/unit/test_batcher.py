@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Iterator
 
@@ -334,10 +335,47 @@ def test_closing_refuses_the_queued_requests_and_stops_the_threads(
         runtime.gate.set()  # the calls running at close still answer
         await first
         assert len(await second) == 1
-        for thread in engine._threads:
+        for thread in engine.threads:
             thread.join(timeout=5)
             assert not thread.is_alive()
 
     asyncio.run(scenario())
     assert runtime.calls == [1, 1]
     assert sample(metrics, "adscore_queued_rows") == 0
+
+
+def test_a_batch_that_cannot_be_assembled_fails_its_requests_not_the_thread(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=64)
+        busy = await occupy(runtime, engine)
+        narrow = asyncio.ensure_future(engine.predict(runtime, rows(0, 2)))
+        wide_rows = ModelInputs(np.zeros((2, 3), np.float32), np.zeros((2, 1), np.int64))
+        wide = asyncio.ensure_future(engine.predict(runtime, wide_rows))
+        await asyncio.sleep(0.01)
+        runtime.gate.set()
+        await busy
+        for task in (narrow, wide):  # merged into one batch that numpy cannot concatenate
+            with pytest.raises(ValueError):
+                await task
+        np.testing.assert_array_equal(await engine.predict(runtime, rows(5, 1)), [5])
+        engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batcher_dropped_without_close_stops_its_threads(metrics: Metrics) -> None:
+    engine = batcher(metrics, threads=2)
+    threads = engine.threads
+    assert all(thread.is_alive() for thread in threads)
+    del engine
+    gc.collect()
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+def test_a_batcher_needs_a_thread(metrics: Metrics) -> None:
+    with pytest.raises(ValueError, match="at least one inference thread"):
+        batcher(metrics, threads=0)
