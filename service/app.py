@@ -190,7 +190,13 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
                 raise StartupError(str(exc)) from exc
             cleanup.callback(pipeline.close)
             metrics.drift.source = lambda: pipeline.drift.table(scored_versions(manager.plans()))
-            admission = AdmissionControl(settings.max_in_flight, metrics.in_flight, metrics.shed)
+            admission = AdmissionControl(
+                settings.max_in_flight,
+                metrics.in_flight,
+                metrics.shed,
+                metrics.admission_limit,
+                overload_limit=settings.overload_in_flight,
+            )
             app.state.service = ServiceState(
                 settings, metrics, manager, feature_store, pipeline, keys, admission
             )

@@ -366,10 +366,17 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.admission_limit = Gauge(
+            "adscore_admission_limit",
+            "Scoring requests the workers hold at once now, summed: max_in_flight each, or "
+            "less under sustained overload.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
         self.shed = Counter(
             "adscore_shed_requests",
-            "Scoring requests refused with 503 at once, by reason (max_in_flight, queued_rows, "
-            "deadline).",
+            "Scoring requests refused with 503 at once, by reason (max_in_flight, "
+            "sustained_overload, queued_rows, deadline).",
             ["reason"],
             registry=registry,
         )

@@ -146,3 +146,12 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(16, ge=1)
     """Scoring requests a replica holds at once; beyond, it answers 503 with Retry-After at once
     instead of queueing (a late score is worth nothing to an auction)."""
+    overload_in_flight_fraction: float = Field(0.5, gt=0, le=1)
+    """Under sustained overload (more than a tenth of arrivals refused in two 100 ms intervals in
+    a row) the bound is this fraction of max_in_flight, so refusals and the accepted requests'
+    tail stay short while bursts still get every slot; 1 keeps the bound fixed."""
+
+    @property
+    def overload_in_flight(self) -> int:
+        """The bound on requests in flight under sustained overload."""
+        return max(1, int(self.max_in_flight * self.overload_in_flight_fraction))

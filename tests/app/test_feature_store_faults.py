@@ -1,9 +1,11 @@
 """A dead Redis: scores on defaults (degrade policy) or 503 (fail policy); start-up refusals;
-a slow store: requests beyond max_in_flight are shed."""
+a slow store: requests beyond max_in_flight are shed, and sustained overload lowers the bound
+until it passes."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,8 +89,12 @@ def test_missing_model_refuses_start_up(tmp_path: Path) -> None:
 class SlowStore(InMemoryFeatureStore):
     """A store that answers after a pause, so requests stay in flight."""
 
+    def __init__(self, pause_s: float = 0.5) -> None:
+        super().__init__()
+        self.pause_s = pause_s
+
     async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(self.pause_s)
         return await super().fetch(user_id, ad_ids)
 
 
@@ -97,6 +103,7 @@ def test_requests_beyond_max_in_flight_are_shed_at_once(trained: TrainedFixture)
         model_repository=trained.repository,
         auth_enabled=False,
         max_in_flight=2,
+        overload_in_flight_fraction=1,  # a fixed bound, however long they stand
         feature_timeout_ms=5_000,
         request_timeout_ms=10_000,
     )
@@ -119,3 +126,52 @@ def test_requests_beyond_max_in_flight_are_shed_at_once(trained: TrainedFixture)
         assert shed.json()["error"]["code"] == "overloaded"
     assert 'adscore_shed_requests_total{reason="max_in_flight"} 4.0' in metrics
     assert "adscore_in_flight_requests 0.0" in metrics
+
+
+def _metric(url: str, line_start: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{line_start} not in /metrics")
+
+
+def test_sustained_overload_lowers_the_bound_until_it_passes(trained: TrainedFixture) -> None:
+    settings = Settings(
+        model_repository=trained.repository,
+        auth_enabled=False,
+        max_in_flight=4,
+        overload_in_flight_fraction=0.5,
+        feature_timeout_ms=10_000,
+        request_timeout_ms=20_000,
+    )
+    server = LiveServer(create_app(settings, store=SlowStore(pause_s=3.0)))
+    server.start()
+    url = f"{server.url}/v1/score"
+    try:
+        with ThreadPoolExecutor(4) as pool, httpx.Client(timeout=20) as client:
+            held = [pool.submit(httpx.post, url, json=REQUEST, timeout=20) for _ in range(4)]
+            while _metric(server.url, "adscore_in_flight_requests") < 4:
+                time.sleep(0.01)
+            # Every slot stays taken and every probe is refused: after two such intervals
+            # (100 ms each) the bound is halved.
+            refusals = []
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                probe = client.post(url, json=REQUEST)
+                assert probe.status_code == 503 and probe.headers["retry-after"] == "1"
+                refusals.append(probe.json()["error"]["message"])
+                if "sustained overload" in refusals[-1]:
+                    break
+            assert "the limit is 2 until it passes (max_in_flight 4)" in refusals[-1], refusals
+            assert "the limit is 4: retry" in refusals[0]
+            assert _metric(server.url, "adscore_admission_limit") == 2
+            assert [r.result().status_code for r in held] == [200] * 4
+            # The interval of the refused probes still counts as overloaded; the next one,
+            # with a single request, does not.
+            for _ in range(2):
+                time.sleep(0.15)
+                assert client.post(url, json=REQUEST).status_code == 200
+        assert _metric(server.url, "adscore_admission_limit") == 4
+        assert _metric(server.url, 'adscore_shed_requests_total{reason="sustained_overload"}') == 1
+    finally:
+        server.stop()
