@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -147,11 +148,14 @@ class Settings(BaseSettings):
     """Scoring requests a replica holds at once; beyond, it answers 503 with Retry-After at once
     instead of queueing (a late score is worth nothing to an auction)."""
     overload_in_flight_fraction: float = Field(0.5, gt=0, le=1)
-    """Under sustained overload (more than a tenth of arrivals refused in two 100 ms intervals in
-    a row) the bound is this fraction of max_in_flight, so refusals and the accepted requests'
-    tail stay short while bursts still get every slot; 1 keeps the bound fixed."""
+    """Under sustained overload (more than a tenth of arrivals refused in two intervals of at least
+    100 ms in a row) the bound is this fraction of max_in_flight, rounded down, at least 1, so
+    refusals and the accepted requests' tail stay short while bursts still get every slot; 1
+    keeps the bound fixed (service/admission.py says when it returns)."""
 
     @property
     def overload_in_flight(self) -> int:
-        """The bound on requests in flight under sustained overload."""
-        return max(1, int(self.max_in_flight * self.overload_in_flight_fraction))
+        """The bound on requests in flight under sustained overload (equal to max_in_flight when
+        that is 1: the bound is then fixed)."""
+        # Rounded down (1e-9 absorbs float error: 100 x 0.29 is 28.999...), at least 1.
+        return max(1, math.floor(self.max_in_flight * self.overload_in_flight_fraction + 1e-9))

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.redis_server import LocalRedisServer
 from feature_client.store import RawFeatures, SchemaStamp
+from service import admission
 from service.app import StartupError, create_app, start_models
 from service.metrics import Metrics
 from service.settings import Settings
@@ -135,7 +136,11 @@ def _metric(url: str, line_start: str) -> float:
     raise AssertionError(f"{line_start} not in /metrics")
 
 
-def test_sustained_overload_lowers_the_bound_until_it_passes(trained: TrainedFixture) -> None:
+def test_sustained_overload_lowers_the_bound_until_it_passes(
+    trained: TrainedFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Half-second intervals: sequential probes fill one with ten arrivals even on a slow host.
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.5)
     settings = Settings(
         model_repository=trained.repository,
         auth_enabled=False,
@@ -152,26 +157,27 @@ def test_sustained_overload_lowers_the_bound_until_it_passes(trained: TrainedFix
             held = [pool.submit(httpx.post, url, json=REQUEST, timeout=20) for _ in range(4)]
             while _metric(server.url, "adscore_in_flight_requests") < 4:
                 time.sleep(0.01)
-            # Every slot stays taken and every probe is refused: after two such intervals
-            # (100 ms each) the bound is halved.
+            # Every slot stays taken and every probe is refused: after two such intervals the
+            # bound is halved.
             refusals = []
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + 2.5
             while time.monotonic() < deadline:
                 probe = client.post(url, json=REQUEST)
                 assert probe.status_code == 503 and probe.headers["retry-after"] == "1"
                 refusals.append(probe.json()["error"]["message"])
                 if "sustained overload" in refusals[-1]:
                     break
-            assert "the limit is 2 until it passes (max_in_flight 4)" in refusals[-1], refusals
             assert "the limit is 4: retry" in refusals[0]
+            assert "the limit is 2 until it passes (max_in_flight 4)" in refusals[-1], refusals
             assert _metric(server.url, "adscore_admission_limit") == 2
             assert [r.result().status_code for r in held] == [200] * 4
-            # The interval of the refused probes still counts as overloaded; the next one,
-            # with a single request, does not.
-            for _ in range(2):
-                time.sleep(0.15)
-                assert client.post(url, json=REQUEST).status_code == 200
-        assert _metric(server.url, "adscore_admission_limit") == 4
+            # Traffic stopped for longer than an interval: the next arrival finds the full bound.
+            time.sleep(0.6)
+            after = pool.submit(httpx.post, url, json=REQUEST, timeout=20)
+            while _metric(server.url, "adscore_in_flight_requests") < 1:
+                time.sleep(0.01)
+            assert _metric(server.url, "adscore_admission_limit") == 4
+            assert after.result().status_code == 200
         assert _metric(server.url, 'adscore_shed_requests_total{reason="sustained_overload"}') == 1
     finally:
         server.stop()

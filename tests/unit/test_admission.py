@@ -18,11 +18,6 @@ def _control(limit: int) -> tuple[AdmissionControl, Metrics]:
     return control, metrics
 
 
-def _value(metrics: Metrics, name: str, reason: str = "max_in_flight") -> float | None:
-    labels = {"reason": reason} if name.startswith("adscore_shed") else {}
-    return metrics.registry.get_sample_value(name, labels)
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -31,19 +26,49 @@ class FakeClock:
         return self.now
 
 
-def _adaptive(limit: int, overload_limit: int) -> tuple[AdmissionControl, Metrics, FakeClock]:
-    metrics = Metrics(CollectorRegistry())
-    clock = FakeClock()
-    control = AdmissionControl(
-        limit,
-        metrics.in_flight,
-        metrics.shed,
-        metrics.admission_limit,
-        overload_limit=overload_limit,
-        interval_s=1.0,
-        clock=clock,
-    )
-    return control, metrics, clock
+STEP_S = 0.001  # between arrivals; intervals are 1 s in these tests
+
+
+class Simulation:
+    """An adaptive AdmissionControl on a fake clock, driven interval by interval."""
+
+    def __init__(self, limit: int = 8, overload_limit: int = 4) -> None:
+        self.metrics = Metrics(CollectorRegistry())
+        self.clock = FakeClock()
+        self.control = AdmissionControl(
+            limit,
+            self.metrics.in_flight,
+            self.metrics.shed,
+            self.metrics.admission_limit,
+            overload_limit=overload_limit,
+            interval_s=1.0,
+            clock=self.clock,
+        )
+
+    def interval(self, quick: int, refused: int) -> None:
+        """One interval: `quick` requests admitted and finished at once, then the bound filled
+        and held while `refused` more arrive; the holders finish as the interval ends."""
+        started = self.clock.now
+        for _ in range(quick):
+            self.clock.now += STEP_S
+            with self.control.admit():
+                pass
+        with ExitStack() as held:
+            while self.control.in_flight < self.control.current_limit:
+                self.clock.now += STEP_S
+                held.enter_context(self.control.admit())
+            for _ in range(refused):
+                self.clock.now += STEP_S
+                with pytest.raises(Overloaded), self.control.admit():
+                    pass  # pragma: no cover - never admitted
+        self.clock.now = started + 1.0
+
+    def limit_after_next_arrival(self) -> int:
+        """The bound once the next arrival has closed the interval before it."""
+        self.clock.now += STEP_S
+        with self.control.admit():
+            pass
+        return self.control.current_limit
 
 
 def _hold(stack: ExitStack, control: AdmissionControl, count: int) -> None:
@@ -51,104 +76,105 @@ def _hold(stack: ExitStack, control: AdmissionControl, count: int) -> None:
         stack.enter_context(control.admit())
 
 
-def test_requests_beyond_the_limit_are_shed_with_retry_after() -> None:
-    control, metrics = _control(limit=2)
-    with control.admit(), control.admit():
-        assert _value(metrics, "adscore_in_flight_requests") == 2
-        with (
-            pytest.raises(Overloaded, match="2 scoring requests in flight, the limit is 2") as shed,
-            control.admit(),
-        ):
-            pass  # pragma: no cover - never admitted
-        assert shed.value.status_code == 503 and shed.value.headers["Retry-After"] == "1"
-    assert control.in_flight == 0
-    assert _value(metrics, "adscore_in_flight_requests") == 0
-    assert _value(metrics, "adscore_shed_requests_total") == 1
-    with control.admit():  # room again once the others finished
-        assert control.in_flight == 1
-
-
-def test_a_failing_request_still_leaves_the_count() -> None:
-    control, metrics = _control(limit=1)
-    with pytest.raises(ValueError), control.admit():
-        raise ValueError("the request failed")
-    assert control.in_flight == 0 and _value(metrics, "adscore_in_flight_requests") == 0
-
-
-def _arrive(control: AdmissionControl, admitted: int, refused: int) -> None:
-    """`admitted` requests that finish at once, then enough held to reach the bound (admitted
-    too), and `refused` more that find it reached."""
-    for _ in range(admitted):
-        with control.admit():
-            pass
-    with ExitStack() as held:
-        _hold(held, control, control.current_limit - control.in_flight)
-        for _ in range(refused):
-            with pytest.raises(Overloaded), control.admit():
-                pass  # pragma: no cover - never admitted
+def _value(metrics: Metrics, name: str, reason: str = "max_in_flight") -> float | None:
+    labels = {"reason": reason} if name.startswith("adscore_shed") else {}
+    return metrics.registry.get_sample_value(name, labels)
 
 
 def test_a_fixed_bound_never_changes_however_many_are_refused() -> None:
     control, metrics = _control(limit=4)
     for _ in range(5):
-        _arrive(control, admitted=0, refused=50)
+        with ExitStack() as held:
+            _hold(held, control, 4)
+            for _ in range(50):
+                with pytest.raises(Overloaded), control.admit():
+                    pass  # pragma: no cover - never admitted
     assert not control.adaptive and control.current_limit == 4
     assert _value(metrics, "adscore_admission_limit") == 4
     assert _value(metrics, "adscore_shed_requests_total") == 250
 
 
 def test_two_overloaded_intervals_in_a_row_lower_the_bound_until_one_is_not() -> None:
-    control, metrics, clock = _adaptive(limit=8, overload_limit=4)
-    _arrive(control, admitted=0, refused=20)  # 8 admitted, 20 refused: overloaded
-    clock.now = 1
-    _arrive(control, admitted=0, refused=20)  # closes the first overloaded interval
-    assert control.current_limit == 8  # one overloaded interval may be a burst
-    clock.now = 2
+    sim = Simulation(limit=8, overload_limit=4)
+    sim.interval(quick=30, refused=20)
+    sim.interval(quick=30, refused=20)  # the first one closes here: one may be a burst
+    assert sim.control.current_limit == 8
+    sim.clock.now += STEP_S
     with ExitStack() as held:
-        _hold(held, control, 4)  # closes the second: the bound is lowered
-        assert control.current_limit == 4
-        assert _value(metrics, "adscore_admission_limit") == 4
+        _hold(held, sim.control, 4)  # the first arrival closes the second: the bound halves
+        assert sim.control.current_limit == 4
+        assert _value(sim.metrics, "adscore_admission_limit") == 4
         with pytest.raises(
             Overloaded, match="under sustained overload: the limit is 4 until it passes"
         ):
-            _hold(held, control, 1)
-    assert _value(metrics, "adscore_shed_requests_total", "sustained_overload") == 1
-    assert _value(metrics, "adscore_shed_requests_total", "max_in_flight") == 40
-    _arrive(control, admitted=30, refused=0)  # demand drops: no refusal in this interval
-    clock.now = 3
-    with control.admit():
-        assert control.current_limit == 8
-    assert _value(metrics, "adscore_admission_limit") == 8
+            _hold(held, sim.control, 1)
+    assert _value(sim.metrics, "adscore_shed_requests_total", "sustained_overload") == 1
+    assert _value(sim.metrics, "adscore_shed_requests_total", "max_in_flight") == 40
+    sim.clock.now += 0.5
+    sim.interval(quick=100, refused=0)  # demand drops: nothing refused in this interval
+    assert sim.limit_after_next_arrival() == 8
+    assert _value(sim.metrics, "adscore_admission_limit") == 8
 
 
-def test_the_lowered_bound_stays_while_the_overload_lasts() -> None:
-    control, _, clock = _adaptive(limit=8, overload_limit=4)
-    for step in range(6):
-        clock.now = step
-        _arrive(control, admitted=10, refused=10)
-        if step >= 2:
-            assert control.current_limit == 4, step
+def test_the_lowered_bound_stays_while_the_overload_lasts_and_throughput_holds() -> None:
+    sim = Simulation(limit=8, overload_limit=4)
+    for index in range(8):
+        sim.interval(quick=30, refused=20)  # 38 completions per interval at 8, 34 at 4
+        if index >= 2:
+            assert sim.control.current_limit == 4, index
 
 
-def test_a_burst_refused_in_one_interval_keeps_every_slot() -> None:
-    control, _, clock = _adaptive(limit=8, overload_limit=4)
-    for step in range(6):
-        clock.now = step
-        refused = 30 if step % 2 == 0 else 0  # every other interval, never two in a row
-        _arrive(control, admitted=60, refused=refused)
-        assert control.current_limit == 8, step
+def test_a_lowered_bound_that_costs_throughput_goes_back_to_full_for_a_while() -> None:
+    # Requests wait on I/O: only the slots held complete, so halving them halves throughput.
+    sim = Simulation(limit=8, overload_limit=4)
+    limits = []
+    for _ in range(12):
+        sim.interval(quick=0, refused=20)
+        limits.append(sim.control.current_limit)
+    # Lowered after two overloaded intervals; two lowered intervals at half the throughput
+    # bring it back, and it stays full for HOLD_FULL_S (5 intervals here) before trying again.
+    assert limits[:2] == [8, 8]
+    assert limits[2:4] == [4, 4]
+    assert limits[4:9] == [8] * 5
+    assert 4 in limits[9:]
 
 
-def test_a_tenth_refused_or_a_trickle_is_not_an_overload() -> None:
-    control, _, clock = _adaptive(limit=2, overload_limit=1)
-    for step in range(4):
-        clock.now = step
-        _arrive(control, admitted=98, refused=10)  # 10 of 110 arrivals (the 2 holders too)
-        assert control.current_limit == 2, step
-    for step in range(4, 8):
-        clock.now = step
-        _arrive(control, admitted=0, refused=7)  # 7 of 9: most refused, but too few to tell
-        assert control.current_limit == 2, step
+def test_a_burst_refused_in_every_other_interval_keeps_every_slot() -> None:
+    sim = Simulation(limit=8, overload_limit=4)
+    for index in range(6):
+        sim.interval(quick=60, refused=30 if index % 2 == 0 else 0)
+        assert sim.control.current_limit == 8, index
+
+
+@pytest.mark.parametrize(
+    ("quick", "refused", "lowered"),
+    [
+        (88, 10, False),  # 10 of 100 arrivals (2 holders): a tenth is not an overload
+        (87, 11, True),  # 11 of 100
+        (0, 8, True),  # 8 of 10 arrivals: enough to tell
+        (0, 7, False),  # 7 of 9: too few arrivals to tell
+    ],
+)
+def test_the_thresholds(quick: int, refused: int, lowered: bool) -> None:
+    sim = Simulation(limit=2, overload_limit=1)
+    for _ in range(3):
+        sim.interval(quick=quick, refused=refused)
+    assert (sim.control.current_limit == 1) is lowered
+
+
+def test_an_idle_gap_ends_the_overload() -> None:
+    sim = Simulation(limit=8, overload_limit=4)
+    sim.interval(quick=30, refused=20)
+    sim.interval(quick=30, refused=20)
+    sim.clock.now += 60  # traffic stops; the open interval was overloaded
+    assert sim.limit_after_next_arrival() == 8
+    sim.interval(quick=30, refused=20)  # one overloaded interval after the gap is not two
+    assert sim.limit_after_next_arrival() == 8
+    sim.interval(quick=30, refused=20)
+    sim.interval(quick=30, refused=20)
+    sim.clock.now += 60  # the bound is lowered when traffic stops ...
+    assert sim.control.current_limit == 4
+    assert sim.limit_after_next_arrival() == 8  # ... and full when it resumes
 
 
 @pytest.mark.parametrize("overload_limit", [0, 9])

@@ -149,3 +149,20 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     undocumented = [f for f in Settings.model_fields if f"ADSCORE_{f.upper()}" not in readme]
     assert undocumented == [], f"add these to README, Configuration: {undocumented}"
+
+
+@pytest.mark.parametrize(
+    ("max_in_flight", "fraction", "expected"),
+    [(16, 0.5, 8), (3, 0.5, 1), (100, 0.29, 29), (90, 0.7, 63), (1, 0.5, 1), (16, 1.0, 16)],
+)
+def test_the_overload_bound_is_the_fraction_rounded_down(
+    max_in_flight: int, fraction: float, expected: int
+) -> None:
+    settings = Settings(max_in_flight=max_in_flight, overload_in_flight_fraction=fraction)
+    assert settings.overload_in_flight == expected
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5])
+def test_the_overload_fraction_lies_in_0_to_1(fraction: float) -> None:
+    with pytest.raises(pydantic.ValidationError, match="overload_in_flight_fraction"):
+        Settings(overload_in_flight_fraction=fraction)
