@@ -13,13 +13,13 @@ since the event loop reads it only after that work.
 So arrivals, refusals and completions are counted per interval (at least 100 ms: an interval
 ends at the first arrival after that). When more than a tenth of the arrivals were refused in
 two intervals in a row, the bound drops to `overload_limit`. It comes back when
-- an interval refuses no more than a tenth of its arrivals, or
+- an interval refuses no more than a tenth of its arrivals;
 - the lowered bound costs throughput: fewer than 80 % of the completions per second seen when
   the overload began. That happens when requests wait on I/O rather than CPU (a slow feature
   store), where slots are throughput, or when demand fell and the lowered bound alone keeps
   refusing more than a tenth. After this kind of return the bound stays full for 5 s, or it
   would fall again at once.
-- or when an interval's length passes with no arrival at all.
+- an interval's length passes with no arrival at all.
 
 The refused share was chosen after measuring the candidates (BENCHMARKS.md). The fewest
 requests in flight per interval does not separate the loads, since micro-batches finish many
@@ -121,6 +121,7 @@ class AdmissionControl:
         if now - self._last_arrival >= self._interval_s:
             # An interval's length without an arrival: no overload, and what was open is stale.
             self._overloaded_intervals = 0
+            self._full = _Throughput()
             self._set_limit(self.limit)
             self._start_interval(now)
         elif now - self._interval_started >= self._interval_s:
