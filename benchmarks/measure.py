@@ -1,5 +1,6 @@
 """One measurement point against a running service: closed loop (max throughput) or open loop
-(latency at a fixed arrival rate), with the server's CPU per request and RSS."""
+(latency at a fixed arrival rate), with the server's CPU per request and RSS, and for adscore
+the answers it scored on default features (see service_counters.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from benchmarks import loadgen, population, servers, wrk
+from benchmarks import loadgen, population, servers, service_counters, wrk
 
 
 def closed_loop_point(
@@ -20,6 +21,7 @@ def closed_loop_point(
     """Maximum throughput: wrk (or the Python generator) with `connections` back to back."""
     sizes = [len(c.ad_ids) for c in calls]
     mean_size = sum(sizes) / len(sizes)
+    counters = service_counters.read_counters(service.port)
     cpu = servers.cpu_seconds(service.pid)
     loop_cpu = servers.main_thread_cpu_seconds(service.pid)
     if wrk.available():
@@ -55,7 +57,17 @@ def closed_loop_point(
     row["event_loop_cpu_ms_per_request"] = loop_cpu / max(1, requests) * 1000
     row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
     row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
-    return row
+    return row | degraded(counters, service, requests)
+
+
+def degraded(
+    before: service_counters.Counters | None, service: servers.Service, requests: float
+) -> dict[str, float | None]:
+    """The point's answers scored on default features, as a count and a share of its requests
+    (None for a server that does not count them)."""
+    count = service_counters.degraded_between(before, service_counters.read_counters(service.port))
+    share = None if count is None else count / max(1, requests)
+    return {"degraded": count, "degraded_share": share}
 
 
 def open_loop_point(
@@ -64,6 +76,7 @@ def open_loop_point(
     """Latency at a fixed Poisson arrival rate, from each request's intended send time."""
     sizes = [len(c.ad_ids) for c in calls]
     payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
+    counters = service_counters.read_counters(service.port)
     cpu = servers.cpu_seconds(service.pid)
     result = asyncio.run(
         loadgen.open_loop("127.0.0.1", service.port, payloads, sizes, rate=rate, seconds=seconds)
@@ -85,4 +98,4 @@ def open_loop_point(
         "generator_cpu_ms_per_request": result.generator_cpu_seconds
         / max(1, result.completed)
         * 1000,
-    }
+    } | degraded(counters, service, result.completed)

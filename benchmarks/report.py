@@ -85,23 +85,52 @@ def _table(name: str, contender: dict[str, Any]) -> list[str]:
         f"p99 {closed['p99_ms']:.1f} ms, server CPU {closed['server_cpu_ms_per_request']:.2f} ms "
         f"per request{_event_loop_share(closed)}, generator CPU "
         f"{closed['generator_cpu_ms_per_request']:.2f} ms per request, "
-        f"RSS {closed['rss_mb']:.0f} MB, errors {closed['errors']:.0f}.",
+        f"RSS {closed['rss_mb']:.0f} MB, errors {closed['errors']:.0f}"
+        f"{_degraded_clause(closed)}.",
         "",
         f"Unloaded (20 requests/s): p50 {contender['unloaded']['p50_ms']:.2f} ms, "
         f"p99 {contender['unloaded']['p99_ms']:.2f} ms.",
         "",
         "| load | offered/s | done/s | candidates/s | p50 ms | p95 ms | p99 ms | rejected | "
-        "server CPU ms/req | generator CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "degraded | server CPU ms/req | generator CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in contender["open_loop"]:
         rows.append(
             f"| {p['load']:.0%} | {p['offered_per_second']:.0f} | {p['requests_per_second']:.0f} "
             f"| {p['candidates_per_second']:,.0f} | {p['p50_ms']:.1f} | {p['p95_ms']:.1f} "
-            f"| {p['p99_ms']:.1f} | {p['rejected']} | {p['server_cpu_ms_per_request']:.2f} "
+            f"| {p['p99_ms']:.1f} | {p['rejected']} | {_share(p.get('degraded_share'))} "
+            f"| {p['server_cpu_ms_per_request']:.2f} "
             f"| {p.get('generator_cpu_ms_per_request', float('nan')):.2f} |"
         )
     return [*rows, ""]
+
+
+def _share(share: float | None) -> str:
+    """A share of answers, or n/a for a server (or a report) that does not count them."""
+    return "n/a" if share is None else f"{share:.1%}"
+
+
+def _degraded_clause(point: dict[str, Any]) -> str:
+    share = point.get("degraded_share")  # absent from reports written before it was counted
+    if share is None:
+        return ""
+    return f", scored on default features (feature store failed or timed out) {share:.1%}"
+
+
+def degraded_warning(results: dict[str, Any]) -> list[str]:
+    """A warning line for each adscore point where more than 1 % of the answers were scored
+    on default features: those answers skip the fetch, so the point overstates throughput."""
+    ours = results["adscore"]
+    points = [("closed loop", ours["closed_loop"])] + [
+        (f"open loop at {p['load']:.0%}", p) for p in ours["open_loop"]
+    ]
+    return [
+        f"- **Warning:** {name}: {share:.1%} of the answers were scored on default features; "
+        "this point overstates what adscore serves with its features."
+        for name, point in points
+        if (share := point.get("degraded_share")) is not None and share > 0.01
+    ]
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -170,6 +199,7 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
         "## Headline",
         "",
         *headline(results),
+        *degraded_warning(results),
         "",
         "## In-process limit",
         "",

@@ -31,6 +31,7 @@ from benchmarks import (
 )
 from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.naive_service import build_app
+from benchmarks.measure import open_loop_point
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
 from service.app import create_app
@@ -189,7 +190,13 @@ def test_report_states_the_target_ratios(tmp_path: Path) -> None:
     assert "9.00x candidates/s" in lines[3] and "120.0 ms" in lines[3]
     report = write_report(results, tmp_path).read_text()
     assert "| 70% | 70 | 63 | 6,300 |" in report
+    assert "| 7 | n/a |" in report  # a report without degraded counts says so
     assert "HTTP floor" not in report  # not measured in this run
+    assert "Warning" not in report
+    results["adscore"]["closed_loop"] |= {"degraded": 30.0, "degraded_share": 0.03}
+    report = write_report(results, tmp_path).read_text()
+    assert "scored on default features (feature store failed or timed out) 3.0%" in report
+    assert "**Warning:** closed loop: 3.0% of the answers were scored on default" in report
     assert orjson.loads(orjson.dumps(results)) == results  # results.json can hold them
 
 
@@ -224,6 +231,27 @@ def test_report_holds_adscore_against_the_in_process_limit_plus_the_http_floor(
     report = write_report(results, tmp_path).read_text()
     assert "## HTTP floor" in report and "0.100 ms server CPU per request" in report
     assert "(1.25 ms of it on the event loop)" in report
+
+
+def test_points_count_the_answers_scored_on_default_features(
+    redis_url: str, world: SyntheticWorld, tmp_path: Path
+) -> None:
+    population.load_population(redis_url, world, DEMO.read_metadata("pcvr", 1).spec())
+    calls = population.request_mix(world, 50, candidates=8)
+    points = {}
+    for label, timeout_ms in (("fetched", "1000"), ("timed out", "0.001")):
+        with servers.adscore(
+            DEMO.root, redis_url, tmp_path / f"{label}.log", feature_timeout_ms=timeout_ms
+        ) as service:
+            points[label] = open_loop_point(service, calls, rate=40, seconds=1)
+    fetched, timed_out = points["fetched"], points["timed out"]
+    assert fetched["requests"] > 10 and timed_out["requests"] > 10
+    assert fetched["degraded"] == 0 and fetched["degraded_share"] == 0
+    # Every fetch timed out: every answer of the point, and only those, is counted.
+    assert timed_out["degraded"] == timed_out["requests"]
+    assert timed_out["degraded_share"] == 1.0
+    with servers.http_floor(tmp_path / "floor.log") as floor:  # no counters to read
+        assert open_loop_point(floor, calls, rate=40, seconds=0.5)["degraded_share"] is None
 
 
 def test_server_cpu_is_split_into_the_main_threads_and_the_rest() -> None:
