@@ -189,6 +189,8 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             except PredictionLogError as exc:
                 raise StartupError(str(exc)) from exc
             cleanup.callback(pipeline.close)
+            ticking = asyncio.create_task(pipeline.loop_lag.run())
+            cleanup.callback(ticking.cancel)
             metrics.drift.source = lambda: pipeline.drift.table(scored_versions(manager.plans()))
             admission = AdmissionControl(
                 settings.max_in_flight,

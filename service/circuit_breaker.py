@@ -64,6 +64,11 @@ class CircuitBreaker:
         if self.state is not CircuitState.CLOSED:
             self._set(CircuitState.CLOSED)
 
+    def record_inconclusive(self) -> None:
+        """The call ended without telling how the store is (cancelled by its caller, or the
+        event loop too busy to tell a late reply from none): a probe may be sent again."""
+        self._probing = False
+
     def record_failure(self) -> None:
         self._failures += 1
         self._probing = False

@@ -380,6 +380,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "adscore_event_loop_lag_seconds",
+            "How late the event loop ran a tick due every 5 ms: a saturated process runs late.",
+            buckets=(0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
+        )
         self.batch_rows = Histogram(
             "adscore_batch_rows",
             "Candidate rows in one model call (micro-batches merge concurrent requests).",

@@ -35,6 +35,7 @@ from service.circuit_breaker import CircuitBreaker
 from service.drift import DriftMonitor
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.explain import CandidateExplanation, contributions, occlude, top_contributions
+from service.loop_lag import BUSY_SECONDS, LoopLag
 from service.metrics import Metrics
 from service.prediction_log import build_prediction_log
 from service.registry import LoadedModel
@@ -127,6 +128,7 @@ class ScoringPipeline:
             settings.breaker_open_seconds,
             metrics.feature_store_circuit,
         )
+        self.loop_lag = LoopLag(metrics.event_loop_lag)  # ticking once the app runs it
         stage = metrics.stage_seconds
         self._fetch_seconds = stage.labels("feature_fetch")
         self._assembly_seconds = stage.labels("input_assembly")
@@ -151,13 +153,26 @@ class ScoringPipeline:
         budget = min(self._settings.feature_timeout_ms / 1000, FETCH_SHARE * remaining)
         if not self._breaker.allow():
             return self._without_features(request, "circuit_open", "the circuit is open")
+        loop = asyncio.get_running_loop()
+        due = loop.time() + budget
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout_at(due):
                 raw = await self._store.fetch(request.user_id, request.ad_ids)
-        except (FeatureStoreUnavailable, TimeoutError) as exc:
+        except TimeoutError:
+            # A busy loop may have left a reply that came in time unread: not the store's fault.
+            busy = max(loop.time() - due, self.loop_lag.worst_since(due - budget))
+            if busy > BUSY_SECONDS:
+                self._breaker.record_inconclusive()
+                detail = f"the event loop ran {busy * 1000:.1f} ms late during the fetch"
+                return self._without_features(request, "event_loop_busy", detail)
             self._breaker.record_failure()
-            reason = "timeout" if isinstance(exc, TimeoutError) else "unavailable"
-            return self._without_features(request, reason, str(exc) or reason)
+            return self._without_features(request, "timeout", "timeout")
+        except FeatureStoreUnavailable as exc:
+            self._breaker.record_failure()
+            return self._without_features(request, "unavailable", str(exc) or "unavailable")
+        except asyncio.CancelledError:  # the caller went away: a probe must not stay pending
+            self._breaker.record_inconclusive()
+            raise
         self._breaker.record_success()
         return raw, None
 

@@ -173,3 +173,10 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+
+
+def hold_the_loop(seconds: float) -> None:
+    """CPU work that keeps the calling thread (an event loop's, say) busy for `seconds`."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -30,8 +30,8 @@ from benchmarks import (
     settings_ab,
 )
 from benchmarks.http_floor import efficiency_ceiling
-from benchmarks.naive_service import build_app
 from benchmarks.measure import open_loop_point
+from benchmarks.naive_service import build_app
 from benchmarks.report import headline, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
 from service.app import create_app
@@ -174,13 +174,14 @@ def _contender(closed_candidates: float, p99_at_70: float) -> dict[str, Any]:
 
 
 def test_report_states_the_target_ratios(tmp_path: Path) -> None:
+    adscore = _contender(90_000.0, 8.0)
     results = {
         "command": "python -m benchmarks", "started": "now", "machine": "2 cores",
         "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 256,
         "mean_candidates": 256.0, "seconds_per_point": 1.0,
         "in_process": {"requests_per_second": 400.0, "candidates_per_second": 100_000.0,
                        "cpu_ms_per_request": 4.0},
-        "adscore": _contender(90_000.0, 8.0),
+        "adscore": adscore,
         "naive": _contender(10_000.0, 120.0),
     }  # fmt: skip
     lines = headline(results)
@@ -193,7 +194,7 @@ def test_report_states_the_target_ratios(tmp_path: Path) -> None:
     assert "| 7 | n/a |" in report  # a report without degraded counts says so
     assert "HTTP floor" not in report  # not measured in this run
     assert "Warning" not in report
-    results["adscore"]["closed_loop"] |= {"degraded": 30.0, "degraded_share": 0.03}
+    adscore["closed_loop"] |= {"degraded": 30.0, "degraded_share": 0.03}
     report = write_report(results, tmp_path).read_text()
     assert "scored on default features (feature store failed or timed out) 3.0%" in report
     assert "**Warning:** closed loop: 3.0% of the answers were scored on default" in report
