@@ -2,15 +2,16 @@
 
 A busy loop delays every await, the reading of a feature-store reply that arrived in time
 included: a fetch that timed out while the loop was busy says little about the store. A tick
-scheduled every few milliseconds measures the delay; the pipeline asks it, when a fetch times
-out, whether the loop was busy meanwhile (then the circuit breaker is not told), and
-`adscore_event_loop_lag_seconds` shows SREs how saturated a process is.
+scheduled every few milliseconds measures the delay (`adscore_event_loop_lag_seconds` shows
+SREs how saturated a process is), and a fetch's timeout (`PatientTimeout`) waits on while the
+loop is busy instead of scoring on defaults a request whose features may already be here.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from types import TracebackType
 
 from prometheus_client import Histogram
 
@@ -51,3 +52,52 @@ class LoopLag:
             await asyncio.sleep(tick_seconds)
             now = loop.time()
             self.record(now, max(0.0, now - due))
+
+
+class PatientTimeout:
+    """A timeout of `budget` seconds that waits on while the event loop is busy.
+
+    When due, it looks at the loop: if it ran late since the last look (a reply may be here,
+    unread), it looks again one budget later, up to `longest` seconds in all (the request's
+    deadline bounds that). It expires only after a budget's stretch in which the loop kept up
+    and no reply came (the store is slow: `loop_was_busy` is False), or at `longest` with the
+    loop still busy (`loop_was_busy` is True: nothing is known about the store). The body sees
+    TimeoutError, like `asyncio.timeout`.
+    """
+
+    def __init__(self, lag: LoopLag, budget: float, longest: float) -> None:
+        self._lag = lag
+        self._budget = budget
+        self._longest = longest
+        self.loop_was_busy = False
+
+    async def __aenter__(self) -> PatientTimeout:
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._last_look = now
+        self._latest = now + max(self._budget, self._longest)
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._due = now + self._budget
+        self._look_later = self._loop.call_at(self._due, self._look)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._look_later.cancel()
+        await self._timeout.__aexit__(exc_type, exc, traceback)  # raises TimeoutError if expired
+
+    def _look(self) -> None:
+        now = self._loop.time()
+        busy = max(now - self._due, self._lag.worst_since(self._last_look))
+        self.loop_was_busy = busy > BUSY_SECONDS
+        if self.loop_was_busy and now < self._latest:
+            self._last_look = now
+            self._due = min(self._latest, now + self._budget)
+            self._look_later = self._loop.call_at(self._due, self._look)
+        else:
+            self._timeout.reschedule(now)  # expires: the body is cancelled, TimeoutError

@@ -35,7 +35,7 @@ from service.circuit_breaker import CircuitBreaker
 from service.drift import DriftMonitor
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.explain import CandidateExplanation, contributions, occlude, top_contributions
-from service.loop_lag import BUSY_SECONDS, LoopLag
+from service.loop_lag import LoopLag, PatientTimeout
 from service.metrics import Metrics
 from service.prediction_log import build_prediction_log
 from service.registry import LoadedModel
@@ -149,21 +149,19 @@ class ScoringPipeline:
         self, request: ScoreRequest, deadline: float
     ) -> tuple[RawFeatures, str | None]:
         """The stored vectors, or empty ones and the reason when the store failed."""
-        remaining = deadline - asyncio.get_running_loop().time()
-        budget = min(self._settings.feature_timeout_ms / 1000, FETCH_SHARE * remaining)
+        longest = FETCH_SHARE * (deadline - asyncio.get_running_loop().time())
+        budget = min(self._settings.feature_timeout_ms / 1000, longest)
         if not self._breaker.allow():
             return self._without_features(request, "circuit_open", "the circuit is open")
-        loop = asyncio.get_running_loop()
-        due = loop.time() + budget
+        # Past its budget, a fetch waits on while the loop is busy: the reply may be here unread.
+        timeout = PatientTimeout(self.loop_lag, budget, longest)
         try:
-            async with asyncio.timeout_at(due):
+            async with timeout:
                 raw = await self._store.fetch(request.user_id, request.ad_ids)
         except TimeoutError:
-            # A busy loop may have left a reply that came in time unread: not the store's fault.
-            busy = max(loop.time() - due, self.loop_lag.worst_since(due - budget))
-            if busy > BUSY_SECONDS:
+            if timeout.loop_was_busy:  # busy up to the request's deadline: not the store's fault
                 self._breaker.record_inconclusive()
-                detail = f"the event loop ran {busy * 1000:.1f} ms late during the fetch"
+                detail = "the event loop was too busy to read a reply before the deadline"
                 return self._without_features(request, "event_loop_busy", detail)
             self._breaker.record_failure()
             return self._without_features(request, "timeout", "timeout")

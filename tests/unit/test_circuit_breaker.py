@@ -117,23 +117,30 @@ def test_an_inconclusive_probe_lets_the_next_request_probe() -> None:
     assert state(breaker) is CircuitState.CLOSED
 
 
-class HungStore(InMemoryFeatureStore):
-    """A store that never answers in time, whose calls can be counted."""
+class SlowStore(InMemoryFeatureStore):
+    """A store that answers after `delay` seconds (never, for None), counting its calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float | None) -> None:
         super().__init__()
+        self.delay = delay
         self.calls = 0
 
     async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
         self.calls += 1
-        await asyncio.sleep(10)
-        raise AssertionError("unreachable: the fetch times out first")
+        if self.delay is None:
+            await asyncio.Event().wait()
+        else:
+            await asyncio.sleep(self.delay)
+        return await super().fetch(user_id, ad_ids)
 
 
-def _hung_pipeline(**settings: object) -> tuple[HungStore, ScoringPipeline, Metrics]:
-    store = HungStore()
+def _slow_pipeline(
+    delay: float | None, **settings: object
+) -> tuple[SlowStore, ScoringPipeline, Metrics]:
+    store = SlowStore(delay)
     metrics = Metrics(CollectorRegistry())
     model = LoadedModel.assemble(metadata_for(tiny_spec()), LinearRuntime())
+    settings = {"breaker_failure_threshold": 2, "breaker_open_seconds": 60} | settings
     pipeline = ScoringPipeline(
         SinglePlanRouter(ServingPlan("pcvr", model)),
         store,
@@ -150,56 +157,74 @@ def _degraded(metrics: Metrics, reason: str) -> float:
     return 0.0 if value is None else value
 
 
+async def _busy(start: float, seconds: float) -> None:
+    """Another request's CPU work, holding the loop from `start` for `seconds`."""
+    await asyncio.sleep(start)
+    hold_the_loop(seconds)
+
+
 async def test_timeouts_of_a_hung_store_open_the_circuit() -> None:
-    store, pipeline, metrics = _hung_pipeline(
-        breaker_failure_threshold=2, feature_timeout_ms=20, breaker_open_seconds=60
-    )
+    store, pipeline, metrics = _slow_pipeline(None, feature_timeout_ms=20)
     for _ in range(4):
         assert (await pipeline.score(ScoreRequest("u1", ["a1"], {}))).degraded
     assert store.calls == 2
     assert _degraded(metrics, "timeout") == 2 and _degraded(metrics, "circuit_open") == 2
 
 
-async def test_timeouts_while_the_event_loop_was_busy_do_not_open_the_circuit() -> None:
-    store, pipeline, metrics = _hung_pipeline(
-        breaker_failure_threshold=2, feature_timeout_ms=20, breaker_open_seconds=60
-    )
+async def test_a_reply_the_busy_loop_could_not_read_in_time_is_still_used() -> None:
+    # The store answers after 10 ms, but the loop is held from 5 to 45 ms: the 20 ms timeout
+    # comes due while the reply waits unread, and looks again instead of expiring.
+    store, pipeline, metrics = _slow_pipeline(0.01, feature_timeout_ms=20)
+    for _ in range(3):
+        result, _ = await asyncio.gather(
+            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.04)
+        )
+        assert not result.degraded
+    assert store.calls == 3 and _degraded(metrics, "timeout") == 0
 
-    async def busy_loop() -> None:
-        # Another request's work holds the loop past the fetch's due time.
-        await asyncio.sleep(0.005)
-        hold_the_loop(0.04)
 
+async def test_a_hung_store_is_blamed_once_the_loop_keeps_up_again() -> None:
+    store, pipeline, metrics = _slow_pipeline(None, feature_timeout_ms=20)
     for _ in range(4):
         result, _ = await asyncio.gather(
-            pipeline.score(ScoreRequest("u1", ["a1"], {})), busy_loop()
+            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.04)
         )
         assert result.degraded
-    assert store.calls == 4  # every request still tried the store: the circuit stayed closed
-    assert _degraded(metrics, "event_loop_busy") == 4 and _degraded(metrics, "timeout") == 0
+    # Looked again after the busy spell, saw a responsive loop and still no reply: a timeout.
+    assert store.calls == 2
+    assert _degraded(metrics, "timeout") == 2 and _degraded(metrics, "circuit_open") == 2
 
 
-async def test_a_loop_busy_earlier_in_the_fetch_does_not_blame_the_store_either() -> None:
-    store, pipeline, metrics = _hung_pipeline(
-        breaker_failure_threshold=2, feature_timeout_ms=40, breaker_open_seconds=60
-    )
-    ticking = asyncio.create_task(pipeline.loop_lag.run(tick_seconds=0.005))
+async def test_a_loop_busy_until_the_deadline_does_not_blame_the_store() -> None:
+    store, pipeline, metrics = _slow_pipeline(None, feature_timeout_ms=20)
+    for _ in range(3):
+        # A 100 ms deadline: the fetch may wait 80 ms at most, and the loop is busy past that.
+        result, _ = await asyncio.gather(
+            pipeline.score(ScoreRequest("u1", ["a1"], {}, timeout_ms=100)), _busy(0.005, 0.08)
+        )
+        assert result.degraded
+    assert store.calls == 3  # every request still tried the store: the circuit stayed closed
+    assert _degraded(metrics, "event_loop_busy") == 3 and _degraded(metrics, "timeout") == 0
 
-    async def busy_then_idle() -> None:
-        # Busy from 5 to 25 ms into a 40 ms fetch: its timeout then fires on time, and only
-        # the ticks saw that a reply could have waited unread.
-        await asyncio.sleep(0.005)
-        hold_the_loop(0.02)
 
+async def test_the_ticks_show_a_loop_that_was_busy_before_the_timeout_came_due() -> None:
+    # Busy from 5 to 18 ms of a 20 ms budget: the timeout comes due on time, and only the
+    # ticks saw the busy spell. The store answers at 25 ms, within the look that follows.
+    _, pipeline, _ = _slow_pipeline(0.025, feature_timeout_ms=20)
+    ticking = asyncio.create_task(pipeline.loop_lag.run(tick_seconds=0.002))
     try:
-        for _ in range(3):
-            result, _ = await asyncio.gather(
-                pipeline.score(ScoreRequest("u1", ["a1"], {})), busy_then_idle()
-            )
-            assert result.degraded
+        await asyncio.sleep(0.01)  # the ticks are running
+        result, _ = await asyncio.gather(
+            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.013)
+        )
     finally:
         ticking.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticking
-    assert store.calls == 3
-    assert _degraded(metrics, "event_loop_busy") == 3 and _degraded(metrics, "timeout") == 0
+    assert not result.degraded
+    # Without the ticks, the same request times out.
+    _, quiet, quiet_metrics = _slow_pipeline(0.025, feature_timeout_ms=20)
+    result, _ = await asyncio.gather(
+        quiet.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.013)
+    )
+    assert result.degraded and _degraded(quiet_metrics, "timeout") == 1
