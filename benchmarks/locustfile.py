@@ -10,6 +10,10 @@ it; the demo's own 10k users and 50k ads work with ADSCORE_BENCH_USERS=10000 and
 ADSCORE_BENCH_ADS=50000, which draws ids from that range). Set ADSCORE_API_KEY when the
 service requires keys. Each simulated user sends requests back to back (closed loop): use it
 for soak and capacity checks; `python -m benchmarks` measures latency at a fixed arrival rate.
+
+An answer scored on default features (`"degraded": true`: the feature store failed, or was late
+for a busy service) counts as a failure, "degraded: ...", in the failures CSV: such answers are
+cheap and would make an overloaded deployment look faster than it is.
 """
 
 from __future__ import annotations
@@ -55,5 +59,11 @@ class AdServer(FastHttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
-            elif len(response.json()["scores"]) != len(call.ad_ids):
+                return
+            body = response.json()
+            if len(body["scores"]) != len(call.ad_ids):
                 response.failure("wrong number of scores")
+            elif body["degraded"]:
+                response.failure(
+                    "degraded: scored on default features, the store failed or was late"
+                )

@@ -295,6 +295,22 @@ def test_http_floor_answers_in_adscores_shape_from_as_many_processes(
     assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()]  # all stopped
 
 
+def _locust(server_url: str, folder: Path) -> list[dict[str, str]]:
+    """A short headless locust run against `server_url`; its stats rows."""
+    env = os.environ | {"ADSCORE_BENCH_USERS": "10000", "ADSCORE_BENCH_ADS": "50000"}
+    # Locust counts its run time from start-up, and building the request mix takes seconds on
+    # a busy machine: 10 s leaves a few of them for requests.
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "benchmarks/locustfile.py", "--headless",
+         "-u", "2", "-r", "2", "-t", "10s", "--host", server_url, "--csv", str(folder / "l"),
+         "--only-summary"],
+        cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode in (0, 1), run.stderr[-2000:]  # 1: some requests failed
+    with (folder / "l_stats.csv").open() as stats:
+        return list(csv.DictReader(stats))
+
+
 def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path) -> None:
     demo_world = population.bench_world(DEMO.read_metadata("pcvr", 1), users=10_000, ads=50_000)
     population.load_population(redis_url, demo_world, DEMO.read_metadata("pcvr", 1).spec())
@@ -302,24 +318,32 @@ def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path
         create_app(Settings(model_repository=DEMO.root, redis_url=redis_url, auth_enabled=False))
     )
     server.start()
-    env = os.environ | {"ADSCORE_BENCH_USERS": "10000", "ADSCORE_BENCH_ADS": "50000"}
     try:
-        # Locust counts its run time from start-up, and building the request mix takes seconds
-        # on a busy machine: 10 s leaves a few of them for requests.
-        run = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", "benchmarks/locustfile.py", "--headless",
-             "-u", "2", "-r", "2", "-t", "10s", "--host", server.url, "--csv", str(tmp_path / "l"),
-             "--only-summary"],
-            cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        rows = _locust(server.url, tmp_path)
     finally:
         server.stop()
-    assert run.returncode == 0, run.stderr[-2000:]
-    with (tmp_path / "l_stats.csv").open() as stats:
-        rows = list(csv.DictReader(stats))
     (score,) = [r for r in rows if r["Name"] == "/v1/score"]
     assert int(score["Request Count"]) > 10
     assert int(score["Failure Count"]) == 0
+
+
+def test_locustfile_fails_answers_scored_on_default_features(tmp_path: Path) -> None:
+    # No Redis listens there: every answer is degraded (the default policy answers on defaults).
+    settings = Settings(
+        model_repository=DEMO.root, redis_url="redis://127.0.0.1:9/0", auth_enabled=False
+    )
+    server = LiveServer(create_app(settings))
+    server.start()
+    try:
+        rows = _locust(server.url, tmp_path)
+    finally:
+        server.stop()
+    (score,) = [r for r in rows if r["Name"] == "/v1/score"]
+    assert int(score["Request Count"]) > 10
+    assert int(score["Failure Count"]) == int(score["Request Count"])
+    with (tmp_path / "l_failures.csv").open() as failures:
+        (failure,) = list(csv.DictReader(failures))
+    assert "degraded: scored on default features" in failure["Error"]
 
 
 def test_latency_from_the_send_leaves_out_what_waited_in_the_generator() -> None:
