@@ -82,6 +82,14 @@ def _median(runs: list[dict[str, Any]], point: str, key: str) -> float:
     return float(median(r[point][key] for r in runs))
 
 
+def _degraded(runs: list[dict[str, Any]], point: str) -> str:
+    """The median share of answers scored on default features (they skip the fetch)."""
+    shares = [r[point].get("degraded_share") for r in runs]
+    if any(share is None for share in shares):
+        return "n/a"
+    return f"{median(shares):.1%}"
+
+
 def report(result: dict[str, Any]) -> str:
     rounds = result["rounds"]
     off_label = next(iter(rounds))
@@ -98,8 +106,8 @@ def report(result: dict[str, Any]) -> str:
         f"{len(rounds[off_label])} interleaved rounds.",
         "",
         "| setting | candidates/s | x off | closed-loop p99 ms | server CPU ms/request | "
-        "open-loop p50 ms | open-loop p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "open-loop p50 ms | open-loop p99 ms | degraded (closed, open) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, runs in rounds.items():
         rate = _median(runs, "closed_loop", "candidates_per_second")
@@ -108,7 +116,8 @@ def report(result: dict[str, Any]) -> str:
             f"{_median(runs, 'closed_loop', 'p99_ms'):.1f} | "
             f"{_median(runs, 'closed_loop', 'server_cpu_ms_per_request'):.2f} | "
             f"{_median(runs, 'open_loop', 'p50_ms'):.1f} | "
-            f"{_median(runs, 'open_loop', 'p99_ms'):.1f} |"
+            f"{_median(runs, 'open_loop', 'p99_ms'):.1f} | "
+            f"{_degraded(runs, 'closed_loop')}, {_degraded(runs, 'open_loop')} |"
         )
     return "\n".join(lines) + "\n"
 

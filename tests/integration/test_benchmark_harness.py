@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from benchmarks import (
+    batching,
     checkouts,
     explain,
     inprocess,
@@ -535,3 +536,22 @@ def test_benchmark_settings_parse_like_the_ab_variants() -> None:
     for bad in ("inference_threads", "=1"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected setting=value"):
             population.parse_setting(bad)
+
+
+def test_batching_report_shows_the_share_of_answers_on_defaults() -> None:
+    def run(rate: float, degraded: float | None) -> dict[str, Any]:
+        point = {"candidates_per_second": rate, "p99_ms": 9.0, "server_cpu_ms_per_request": 0.2,
+                 "p50_ms": 3.0, "degraded_share": degraded}  # fmt: skip
+        return {"closed_loop": point, "open_loop": point}
+
+    rounds = {"off": [run(1000, 0.0), run(1100, 0.02)], "on": [run(2000, 0.5), run(2400, 0.7)]}
+    result = {
+        "command": "python -m benchmarks.batching", "candidates": 8, "connections": 64,
+        "offered_per_second": 700.0, "load": 0.7, "max_in_flight": 256,
+        "rounds": rounds,
+    }  # fmt: skip
+    lines = batching.report(result).splitlines()
+    assert "| off | 1,050 | 1.00 |" in lines[-2] and lines[-2].endswith("| 1.0%, 1.0% |")
+    assert "| on | 2,200 | 2.10 |" in lines[-1] and lines[-1].endswith("| 60.0%, 60.0% |")
+    rounds["on"][0]["closed_loop"] = rounds["on"][0]["closed_loop"] | {"degraded_share": None}
+    assert batching.report(result).splitlines()[-1].endswith("| n/a, 60.0% |")
