@@ -57,17 +57,21 @@ def closed_loop_point(
     row["event_loop_cpu_ms_per_request"] = loop_cpu / max(1, requests) * 1000
     row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
     row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
-    return row | degraded(counters, service, requests)
+    return row | degraded(counters, service)
 
 
 def degraded(
-    before: service_counters.Counters | None, service: servers.Service, requests: float
+    before: service_counters.Counters | None, service: servers.Service
 ) -> dict[str, float | None]:
-    """The point's answers scored on default features, as a count and a share of its requests
-    (None for a server that does not count them)."""
-    count = service_counters.degraded_between(before, service_counters.read_counters(service.port))
-    share = None if count is None else count / max(1, requests)
-    return {"degraded": count, "degraded_share": share}
+    """The point's answers scored on default features, as a count and a share of the answers
+    the server scored meanwhile (None for a server that does not count them)."""
+    counted = service_counters.degraded_between(
+        before, service_counters.read_counters(service.port)
+    )
+    if counted is None:
+        return {"degraded": None, "degraded_share": None}
+    count, answers = counted
+    return {"degraded": count, "degraded_share": count / answers if answers else None}
 
 
 def open_loop_point(
@@ -98,4 +102,4 @@ def open_loop_point(
         "generator_cpu_ms_per_request": result.generator_cpu_seconds
         / max(1, result.completed)
         * 1000,
-    } | degraded(counters, service, result.completed)
+    } | degraded(counters, service)

@@ -50,8 +50,18 @@ def ad_cache_lookups(counters: Counters) -> tuple[float, float] | None:
     return found.get('result="hit"', 0.0), found.get('result="miss"', 0.0)
 
 
-def degraded_between(before: Counters | None, after: Counters | None) -> float | None:
-    """Degraded responses served between two readings; None for a server without counters."""
+def scored_answers(counters: Counters) -> float:
+    """200 answers to POST /v1/score so far, the degraded ones included."""
+    return counters.get(("adscore_requests_total", 'route="/v1/score",status="200"'), 0.0)
+
+
+def degraded_between(before: Counters | None, after: Counters | None) -> tuple[float, float] | None:
+    """(degraded answers, all scored answers) served between two readings, counted by the
+    server (a closed loop's generator leaves out the answers still in flight when it stops);
+    None for a server without counters."""
     if before is None or after is None:
         return None
-    return degraded_responses(after) - degraded_responses(before)
+    return (
+        degraded_responses(after) - degraded_responses(before),
+        scored_answers(after) - scored_answers(before),
+    )

@@ -64,10 +64,13 @@ class CircuitBreaker:
         if self.state is not CircuitState.CLOSED:
             self._set(CircuitState.CLOSED)
 
-    def record_inconclusive(self) -> None:
-        """The call ended without telling how the store is (cancelled by its caller, or the
-        event loop too busy to tell a late reply from none): a probe may be sent again."""
-        self._probing = False
+    def record_inconclusive(self, probe: bool) -> None:
+        """A call ended without telling how the store is (cancelled by its caller, or the
+        event loop too busy to tell a late reply from none). If it was the half-open probe
+        (`probe`: the circuit was half-open when it was allowed), another may be sent; a call
+        allowed earlier, while the circuit was closed, leaves the probe running alone."""
+        if probe:
+            self._probing = False
 
     def record_failure(self) -> None:
         self._failures += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 
 from prometheus_client import Histogram
@@ -29,52 +30,75 @@ class LoopLag:
     def __init__(self, histogram: Histogram | None = None, keep: int = 256) -> None:
         self._histogram = histogram
         self._ticks: deque[tuple[float, float]] = deque(maxlen=keep)  # (observed at, late by)
+        self._tick_seconds: float | None = None  # while run() ticks
 
     def record(self, observed_at: float, late_by: float) -> None:
         self._ticks.append((observed_at, late_by))
         if self._histogram is not None:
             self._histogram.observe(late_by)
 
-    def worst_since(self, since: float) -> float:
-        """The largest lateness observed from `since` on (loop clock), 0 when none was."""
+    def worst_since(self, since: float, now: float) -> float:
+        """The longest the loop was seen busy between `since` and `now` (loop clock), 0 when it
+        was not. A tick's lateness counts only for its part after `since`; while ticking, a
+        tick overdue now (the loop is busy this very moment, or was until now) counts too."""
         worst = 0.0
+        if self._tick_seconds is not None and self._ticks:
+            overdue = now - (self._ticks[-1][0] + self._tick_seconds)
+            worst = max(0.0, min(overdue, now - since))
         for observed_at, late_by in reversed(self._ticks):
             if observed_at < since:
                 break
-            worst = max(worst, late_by)
+            worst = max(worst, min(late_by, observed_at - since))
         return worst
 
     async def run(self, tick_seconds: float = TICK_SECONDS) -> None:
         """Tick until cancelled."""
         loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + tick_seconds
-            await asyncio.sleep(tick_seconds)
-            now = loop.time()
-            self.record(now, max(0.0, now - due))
+        self._tick_seconds = tick_seconds
+        try:
+            while True:
+                due = loop.time() + tick_seconds
+                await asyncio.sleep(tick_seconds)
+                now = loop.time()
+                self.record(now, max(0.0, now - due))
+        finally:
+            self._tick_seconds = None
 
 
 class PatientTimeout:
     """A timeout of `budget` seconds that waits on while the event loop is busy.
 
-    When due, it looks at the loop: if it ran late since the last look (a reply may be here,
-    unread), it looks again one budget later, up to `longest` seconds in all (the request's
-    deadline bounds that). It expires only after a budget's stretch in which the loop kept up
-    and no reply came (the store is slow: `loop_was_busy` is False), or at `longest` with the
-    loop still busy (`loop_was_busy` is True: nothing is known about the store). The body sees
-    TimeoutError, like `asyncio.timeout`.
+    When due, it looks at the loop. If the loop ran late since the last look, a reply may be
+    here unread, and it looks again one budget later, up to `longest` seconds in all: once in
+    any case, so that the loop gets to read what came, and after that only while the store
+    answers other fetches (`answered_at`, the loop time of the last reply): a hung store under
+    load answers none, and must still be found out. It expires
+    - when the loop kept up since the last look, or the store answered nothing: the store is
+      slow or gone, `loop_was_busy` is False;
+    - at `longest`, with the loop still busy and the store answering others: nothing is known
+      about this fetch's store, `loop_was_busy` is True.
+    The body sees TimeoutError, like `asyncio.timeout`; `expired` tells it apart from a
+    TimeoutError the body raised itself.
     """
 
-    def __init__(self, lag: LoopLag, budget: float, longest: float) -> None:
+    def __init__(
+        self, lag: LoopLag, budget: float, longest: float, answered_at: Callable[[], float]
+    ) -> None:
         self._lag = lag
         self._budget = budget
         self._longest = longest
+        self._answered_at = answered_at
         self.loop_was_busy = False
+
+    @property
+    def expired(self) -> bool:
+        return self._timeout.expired()
 
     async def __aenter__(self) -> PatientTimeout:
         self._loop = asyncio.get_running_loop()
         now = self._loop.time()
         self._last_look = now
+        self._looks = 0
         self._latest = now + max(self._budget, self._longest)
         self._timeout = asyncio.timeout(None)
         await self._timeout.__aenter__()
@@ -93,9 +117,13 @@ class PatientTimeout:
 
     def _look(self) -> None:
         now = self._loop.time()
-        busy = max(now - self._due, self._lag.worst_since(self._last_look))
-        self.loop_was_busy = busy > BUSY_SECONDS
+        # A whole budget back, even when the last look (before `longest`) came sooner.
+        since = min(self._last_look, now - self._budget)
+        busy = max(now - self._due, self._lag.worst_since(since, now)) > BUSY_SECONDS
+        store_alive = self._looks == 0 or self._answered_at() > self._last_look
+        self.loop_was_busy = busy and store_alive
         if self.loop_was_busy and now < self._latest:
+            self._looks += 1
             self._last_look = now
             self._due = min(self._latest, now + self._budget)
             self._look_later = self._loop.call_at(self._due, self._look)

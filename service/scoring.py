@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from feature_client.assembly import (
 from feature_client.codec import DecodedRows
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
 from service.batcher import BatchingPolicy, MicroBatcher
-from service.circuit_breaker import CircuitBreaker
+from service.circuit_breaker import CircuitBreaker, CircuitState
 from service.drift import DriftMonitor
 from service.errors import FeaturesUnavailable, InvalidRequest
 from service.explain import CandidateExplanation, contributions, occlude, top_contributions
@@ -48,6 +49,10 @@ logger = logging.getLogger("adscore.scoring")
 # The feature fetch may spend this share of a request's remaining budget at most, so that a
 # request whose fetch timed out still has time to be scored on defaults.
 FETCH_SHARE = 0.8
+
+# While the event loop is busy, a fetch may wait this many budgets (feature_timeout_ms) in all
+# for a reply that may already be here (see PatientTimeout), within FETCH_SHARE of its deadline.
+PATIENCE_BUDGETS = 3
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class ScoringPipeline:
             metrics.feature_store_circuit,
         )
         self.loop_lag = LoopLag(metrics.event_loop_lag)  # ticking once the app runs it
+        self._store_answered_at = -math.inf  # loop time of the store's last reply
         stage = metrics.stage_seconds
         self._fetch_seconds = stage.labels("feature_fetch")
         self._assembly_seconds = stage.labels("input_assembly")
@@ -149,19 +155,23 @@ class ScoringPipeline:
         self, request: ScoreRequest, deadline: float
     ) -> tuple[RawFeatures, str | None]:
         """The stored vectors, or empty ones and the reason when the store failed."""
-        longest = FETCH_SHARE * (deadline - asyncio.get_running_loop().time())
-        budget = min(self._settings.feature_timeout_ms / 1000, longest)
+        loop = asyncio.get_running_loop()
+        timeout_s = self._settings.feature_timeout_ms / 1000
+        longest = min(FETCH_SHARE * (deadline - loop.time()), PATIENCE_BUDGETS * timeout_s)
         if not self._breaker.allow():
             return self._without_features(request, "circuit_open", "the circuit is open")
-        # Past its budget, a fetch waits on while the loop is busy: the reply may be here unread.
-        timeout = PatientTimeout(self.loop_lag, budget, longest)
+        probe = self._breaker.state is CircuitState.HALF_OPEN
+        timeout = PatientTimeout(
+            self.loop_lag, min(timeout_s, longest), longest, lambda: self._store_answered_at
+        )
         try:
             async with timeout:
                 raw = await self._store.fetch(request.user_id, request.ad_ids)
         except TimeoutError:
-            if timeout.loop_was_busy:  # busy up to the request's deadline: not the store's fault
-                self._breaker.record_inconclusive()
-                detail = "the event loop was too busy to read a reply before the deadline"
+            if timeout.expired and timeout.loop_was_busy:
+                # Busy to the end, while the store answered others: not the store's fault.
+                self._breaker.record_inconclusive(probe)
+                detail = "the event loop was too busy to read the reply in time"
                 return self._without_features(request, "event_loop_busy", detail)
             self._breaker.record_failure()
             return self._without_features(request, "timeout", "timeout")
@@ -169,8 +179,9 @@ class ScoringPipeline:
             self._breaker.record_failure()
             return self._without_features(request, "unavailable", str(exc) or "unavailable")
         except asyncio.CancelledError:  # the caller went away: a probe must not stay pending
-            self._breaker.record_inconclusive()
+            self._breaker.record_inconclusive(probe)
             raise
+        self._store_answered_at = loop.time()
         self._breaker.record_success()
         return raw, None
 

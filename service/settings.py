@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     """Candidate rows that may wait for an inference thread; a request that would exceed it is
     answered 503 with Retry-After at once."""
     request_timeout_ms: float = Field(100.0, gt=0, le=60_000)
-    """Budget of a scoring request without timeout_ms. The feature fetch gets what is left of it
-    (at most feature_timeout_ms); a request still waiting for the model past it is answered 503
+    """Budget of a scoring request without timeout_ms. The feature fetch gets 80 % of what is
+    left of it at most (and feature_timeout_ms at most, three times that while the event loop is
+    too busy to read the reply); a request still waiting for the model past it is answered 503
     deadline_exceeded at once instead of late."""
     warmup_batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
     """Batch sizes run once at load: the first requests must not pay onnxruntime's first run."""
@@ -110,7 +111,9 @@ class Settings(BaseSettings):
     feature_namespace: str = "adscore"
     """Key prefix of the online features ({namespace}:u:{user_id}, {namespace}:a:{ad_id})."""
     feature_timeout_ms: float = Field(20.0, gt=0)
-    """Budget of one feature fetch; past it the request is scored on defaults (degraded)."""
+    """Budget of one feature fetch; past it the request is scored on defaults (degraded). While
+    the event loop runs late the fetch may wait up to three budgets: the reply may be here,
+    unread (see service/loop_lag.py)."""
     feature_reads_in_flight: int = Field(2, ge=1, le=64)
     """MGETs to Redis at once; concurrent requests' keys are merged into them (more for a remote
     or clustered Redis, where round trips dominate)."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.store import FeatureStoreUnavailable, RawFeatures
+from service import loop_lag
 from service.circuit_breaker import CircuitBreaker, CircuitState
 from service.metrics import Metrics
 from service.registry import LoadedModel
@@ -110,7 +112,9 @@ def test_an_inconclusive_probe_lets_the_next_request_probe() -> None:
     breaker.record_failure()
     clock.now += 1.01
     assert breaker.allow()  # the probe...
-    breaker.record_inconclusive()  # ...was cancelled, or its loop too busy to tell
+    breaker.record_inconclusive(probe=False)  # a call allowed before the circuit opened
+    assert not breaker.allow()  # ...still runs alone
+    breaker.record_inconclusive(probe=True)  # the probe was cancelled, or its loop too busy
     assert state(breaker) is CircuitState.HALF_OPEN
     assert breaker.allow()  # another request probes instead of the circuit staying stuck
     breaker.record_success()
@@ -118,25 +122,24 @@ def test_an_inconclusive_probe_lets_the_next_request_probe() -> None:
 
 
 class SlowStore(InMemoryFeatureStore):
-    """A store that answers after `delay` seconds (never, for None), counting its calls."""
+    """A store that answers after `delay` seconds, never for users in `hung`, and counts its
+    calls."""
 
-    def __init__(self, delay: float | None) -> None:
+    def __init__(self, delay: float, hung: frozenset[str] = frozenset({"hung"})) -> None:
         super().__init__()
         self.delay = delay
+        self.hung = hung
         self.calls = 0
 
     async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
         self.calls += 1
-        if self.delay is None:
+        if user_id in self.hung:
             await asyncio.Event().wait()
-        else:
-            await asyncio.sleep(self.delay)
+        await asyncio.sleep(self.delay)
         return await super().fetch(user_id, ad_ids)
 
 
-def _slow_pipeline(
-    delay: float | None, **settings: object
-) -> tuple[SlowStore, ScoringPipeline, Metrics]:
+def _slow_pipeline(delay: float, **settings: object) -> tuple[SlowStore, ScoringPipeline, Metrics]:
     store = SlowStore(delay)
     metrics = Metrics(CollectorRegistry())
     model = LoadedModel.assemble(metadata_for(tiny_spec()), LinearRuntime())
@@ -163,10 +166,22 @@ async def _busy(start: float, seconds: float) -> None:
     hold_the_loop(seconds)
 
 
+@contextlib.asynccontextmanager
+async def _ticking(pipeline: ScoringPipeline) -> AsyncIterator[None]:
+    ticks = asyncio.create_task(pipeline.loop_lag.run(tick_seconds=0.002))
+    await asyncio.sleep(0.01)  # a few ticks in
+    try:
+        yield
+    finally:
+        ticks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticks
+
+
 async def test_timeouts_of_a_hung_store_open_the_circuit() -> None:
-    store, pipeline, metrics = _slow_pipeline(None, feature_timeout_ms=20)
+    store, pipeline, metrics = _slow_pipeline(0.0, feature_timeout_ms=20)
     for _ in range(4):
-        assert (await pipeline.score(ScoreRequest("u1", ["a1"], {}))).degraded
+        assert (await pipeline.score(ScoreRequest("hung", ["a1"], {}))).degraded
     assert store.calls == 2
     assert _degraded(metrics, "timeout") == 2 and _degraded(metrics, "circuit_open") == 2
 
@@ -183,48 +198,93 @@ async def test_a_reply_the_busy_loop_could_not_read_in_time_is_still_used() -> N
     assert store.calls == 3 and _degraded(metrics, "timeout") == 0
 
 
-async def test_a_hung_store_is_blamed_once_the_loop_keeps_up_again() -> None:
-    store, pipeline, metrics = _slow_pipeline(None, feature_timeout_ms=20)
+async def test_a_hung_store_is_blamed_even_while_the_loop_is_busy() -> None:
+    store, pipeline, metrics = _slow_pipeline(0.0, feature_timeout_ms=20)
     for _ in range(4):
         result, _ = await asyncio.gather(
-            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.04)
+            pipeline.score(ScoreRequest("hung", ["a1"], {})), _busy(0.005, 0.04)
         )
         assert result.degraded
-    # Looked again after the busy spell, saw a responsive loop and still no reply: a timeout.
+    # One more look after the busy spell, and the store had answered nothing: a timeout.
     assert store.calls == 2
     assert _degraded(metrics, "timeout") == 2 and _degraded(metrics, "circuit_open") == 2
 
 
-async def test_a_loop_busy_until_the_deadline_does_not_blame_the_store() -> None:
-    store, pipeline, metrics = _slow_pipeline(None, feature_timeout_ms=20)
-    for _ in range(3):
-        # A 100 ms deadline: the fetch may wait 80 ms at most, and the loop is busy past that.
-        result, _ = await asyncio.gather(
-            pipeline.score(ScoreRequest("u1", ["a1"], {}, timeout_ms=100)), _busy(0.005, 0.08)
-        )
-        assert result.degraded
-    assert store.calls == 3  # every request still tried the store: the circuit stayed closed
+async def test_a_loop_busy_to_the_end_while_the_store_answers_others_blames_nobody() -> None:
+    store, pipeline, metrics = _slow_pipeline(0.0, feature_timeout_ms=30)
+    async with _ticking(pipeline):
+        stop = asyncio.Event()
+
+        async def other_requests() -> None:
+            # Requests the store answers, each followed by 10 ms of the loop held.
+            while not stop.is_set():
+                assert not (await pipeline.score(ScoreRequest("u1", ["a1"], {}))).degraded
+                hold_the_loop(0.01)
+
+        others = [asyncio.create_task(other_requests()) for _ in range(3)]
+        try:
+            for _ in range(3):
+                # A 300 ms deadline leaves time to score after the 90 ms of patience.
+                result = await pipeline.score(ScoreRequest("hung", ["a1"], {}, timeout_ms=300))
+                assert result.degraded
+        finally:
+            stop.set()
+            await asyncio.gather(*others)
+    # Three budgets' patience each, then given up on without blaming the store.
     assert _degraded(metrics, "event_loop_busy") == 3 and _degraded(metrics, "timeout") == 0
+    assert _degraded(metrics, "circuit_open") == 0 and store.calls > 6
 
 
-async def test_the_ticks_show_a_loop_that_was_busy_before_the_timeout_came_due() -> None:
-    # Busy from 5 to 18 ms of a 20 ms budget: the timeout comes due on time, and only the
-    # ticks saw the busy spell. The store answers at 25 ms, within the look that follows.
-    _, pipeline, _ = _slow_pipeline(0.025, feature_timeout_ms=20)
-    ticking = asyncio.create_task(pipeline.loop_lag.run(tick_seconds=0.002))
-    try:
-        await asyncio.sleep(0.01)  # the ticks are running
+async def test_the_ticks_show_a_loop_that_was_busy_before_the_timeout_came_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Busy from 5 to 20 ms of a 25 ms budget: the timeout comes due on time, and only the
+    # ticks saw the busy spell. The store answers at 30 ms, within the look that follows.
+    monkeypatch.setattr(loop_lag, "BUSY_SECONDS", 0.008)  # far above a slow machine's jitter
+    _, pipeline, _ = _slow_pipeline(0.03, feature_timeout_ms=25)
+    async with _ticking(pipeline):
         result, _ = await asyncio.gather(
-            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.013)
+            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.015)
         )
-    finally:
-        ticking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticking
     assert not result.degraded
     # Without the ticks, the same request times out.
-    _, quiet, quiet_metrics = _slow_pipeline(0.025, feature_timeout_ms=20)
+    _, quiet, quiet_metrics = _slow_pipeline(0.03, feature_timeout_ms=25)
     result, _ = await asyncio.gather(
-        quiet.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.013)
+        quiet.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.015)
     )
     assert result.degraded and _degraded(quiet_metrics, "timeout") == 1
+
+
+class TimingOutStore(InMemoryFeatureStore):
+    async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
+        hold_the_loop(0.03)  # however busy the loop was...
+        raise TimeoutError("the client's own socket timeout")
+
+
+async def test_a_timeout_raised_by_the_store_itself_is_a_store_failure() -> None:
+    metrics = Metrics(CollectorRegistry())
+    model = LoadedModel.assemble(metadata_for(tiny_spec()), LinearRuntime())
+    settings = Settings(breaker_failure_threshold=1, feature_timeout_ms=20)
+    pipeline = ScoringPipeline(
+        SinglePlanRouter(ServingPlan("pcvr", model)), TimingOutStore(), metrics, settings
+    )
+    assert (await pipeline.score(ScoreRequest("u1", ["a1"], {}))).degraded
+    assert _degraded(metrics, "timeout") == 1
+    assert metrics.registry.get_sample_value("adscore_feature_store_circuit_state") == 1
+
+
+async def test_a_cancelled_probe_lets_the_next_request_probe() -> None:
+    store, pipeline, metrics = _slow_pipeline(
+        0.0, breaker_failure_threshold=1, breaker_open_seconds=0.01, feature_timeout_ms=20
+    )
+    assert (await pipeline.score(ScoreRequest("hung", ["a1"], {}))).degraded  # opens it
+    await asyncio.sleep(0.02)
+    probe = asyncio.create_task(pipeline.score(ScoreRequest("hung", ["a1"], {})))
+    await asyncio.sleep(0.005)
+    probe.cancel()  # its client went away mid-fetch
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
+    result = await pipeline.score(ScoreRequest("u1", ["a1"], {}))
+    assert not result.degraded  # it was allowed to probe, and closed the circuit
+    assert store.calls == 3
+    assert metrics.registry.get_sample_value("adscore_feature_store_circuit_state") == 0
