@@ -200,11 +200,12 @@ class ScoringPipeline:
         """Raw tensors in, logits and calibrated probabilities out (the OIP v2 path): the same
         batcher, inference threads and metrics as a scoring request."""
         started = time.perf_counter()
-        logits = await self.batcher.predict(model.runtime, inputs, self.deadline(None))
+        logits, probabilities = await self.batcher.predict_calibrated(
+            model.runtime, model.calibration.apply, inputs, self.deadline(None)
+        )
         elapsed = time.perf_counter() - started
         self._inference_seconds.observe(elapsed)
         self._metrics.model_seconds.labels(model.name).observe(elapsed)
-        probabilities = model.calibration.apply(logits)
         self._metrics.candidates.observe(len(probabilities))
         self._metrics.record_scores(model.name, model.version, "active", probabilities)
         return logits, probabilities
@@ -250,13 +251,16 @@ class ScoringPipeline:
         if request.explain:
             # The request's rows and their occluded copies share one model call.
             occlusion = occlude(model.spec, inputs)
-            logits = await self.batcher.predict(model.runtime, occlusion.inputs, deadline)
-            scores, table = contributions(model.calibration.apply(logits), len(inputs))
+            _, calibrated = await self.batcher.predict_calibrated(
+                model.runtime, model.calibration.apply, occlusion.inputs, deadline
+            )
+            scores, table = contributions(calibrated, len(inputs))
             top_k = request.explain_top_k or self._settings.explain_top_k
             explanations = top_contributions(occlusion.features, request.ad_ids, table, top_k)
         else:
-            logits = await self.batcher.predict(model.runtime, inputs, deadline)
-            scores = model.calibration.apply(logits)
+            _, scores = await self.batcher.predict_calibrated(
+                model.runtime, model.calibration.apply, inputs, deadline
+            )
         self._inference_seconds.observe(time.perf_counter() - assembled)
 
         n = len(request.ad_ids)

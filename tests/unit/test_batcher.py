@@ -102,6 +102,57 @@ def test_requests_waiting_for_a_busy_thread_share_one_call(
     assert sample(metrics, "adscore_queued_rows") == 0
 
 
+class CountingCalibration:
+    """p = logit * scale, counting the calls and the rows each got."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+        self.calls: list[int] = []
+
+    def apply(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        self.calls.append(len(logits))
+        return logits.astype(np.float64) * self.scale
+
+
+def test_a_shared_calibration_runs_once_per_batch_and_each_request_gets_its_rows(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    shared, other = CountingCalibration(2.0), CountingCalibration(-1.0)
+
+    async def scenario() -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]]:
+        engine = batcher(metrics, max_batch_rows=64)
+        busy = await occupy(runtime, engine)
+        calibrated = [
+            asyncio.ensure_future(engine.predict_calibrated(runtime, shared.apply, rows(10 * i, 3)))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.01)
+        runtime.gate.set()
+        await busy
+        results = await asyncio.gather(*calibrated)
+        # Another calibration in the same batch: each request is calibrated with its own.
+        busy = await occupy(runtime, engine)
+        first = asyncio.ensure_future(engine.predict_calibrated(runtime, shared.apply, rows(0, 2)))
+        second = asyncio.ensure_future(engine.predict_calibrated(runtime, other.apply, rows(5, 2)))
+        uncalibrated = asyncio.ensure_future(engine.predict(runtime, rows(9, 1)))
+        await asyncio.sleep(0.01)
+        runtime.gate.set()
+        await busy
+        (_, a), (_, b), plain = await first, await second, await uncalibrated
+        engine.close()
+        np.testing.assert_array_equal(a, [0, 2])
+        np.testing.assert_array_equal(b, [-5, -6])
+        np.testing.assert_array_equal(plain, [9])
+        return results
+
+    results = asyncio.run(scenario())
+    assert runtime.calls == [1, 9, 1, 5]
+    assert shared.calls == [9, 2] and other.calls == [2]  # the batch of 9 rows: one call
+    for i, (logits, probabilities) in enumerate(results):
+        np.testing.assert_array_equal(logits, [10 * i, 10 * i + 1, 10 * i + 2])
+        np.testing.assert_array_equal(probabilities, 2.0 * logits)
+
+
 def test_batches_stop_at_max_batch_rows_and_a_larger_request_runs_alone(
     runtime: FakeRuntime, metrics: Metrics
 ) -> None:
