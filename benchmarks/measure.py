@@ -60,18 +60,25 @@ def closed_loop_point(
     return row | degraded(counters, service)
 
 
-def degraded(
-    before: service_counters.Counters | None, service: servers.Service
-) -> dict[str, float | None]:
+def degraded(before: service_counters.Counters | None, service: servers.Service) -> dict[str, Any]:
     """The point's answers scored on default features, as a count and a share of the answers
     the server scored meanwhile (None for a server that does not count them)."""
-    counted = service_counters.degraded_between(
-        before, service_counters.read_counters(service.port)
-    )
-    if counted is None:
-        return {"degraded": None, "degraded_share": None}
+    after = service_counters.read_counters(service.port)
+    counted = service_counters.degraded_between(before, after)
+    if counted is None or before is None or after is None:
+        return {"degraded": None, "degraded_share": None, "degraded_by_reason": None}
     count, answers = counted
-    return {"degraded": count, "degraded_share": count / answers if answers else None}
+    was = service_counters.degraded_by_reason(before)
+    reasons = {
+        reason: gained
+        for reason, value in service_counters.degraded_by_reason(after).items()
+        if (gained := value - was.get(reason, 0.0))
+    }
+    return {
+        "degraded": count,
+        "degraded_share": count / answers if answers else None,
+        "degraded_by_reason": reasons,
+    }
 
 
 def open_loop_point(

@@ -36,6 +36,17 @@ def _total(counters: Counters, name: str) -> float:
     return sum(value for (sample, _), value in counters.items() if sample == name)
 
 
+def degraded_by_reason(counters: Counters) -> dict[str, float]:
+    """Degraded responses so far by reason: timeout, unavailable, circuit_open,
+    event_loop_busy."""
+    name = "adscore_degraded_responses_total"
+    return {
+        labels.removeprefix('reason="').removesuffix('"'): value
+        for (sample, labels), value in counters.items()
+        if sample == name
+    }
+
+
 def degraded_responses(counters: Counters) -> float:
     """Responses scored on default features because the feature store failed, any reason."""
     return _total(counters, "adscore_degraded_responses_total")

@@ -252,6 +252,9 @@ def test_points_count_the_answers_scored_on_default_features(
     # Every fetch timed out: every answer of the point, and only those, is counted.
     assert timed_out["degraded"] == timed_out["requests"]
     assert timed_out["degraded_share"] == 1.0
+    assert sum(timed_out["degraded_by_reason"].values()) == timed_out["degraded"]
+    assert set(timed_out["degraded_by_reason"]) <= {"timeout", "circuit_open"}
+    assert fetched["degraded_by_reason"] == {}
     with servers.http_floor(tmp_path / "floor.log") as floor:  # no counters to read
         assert open_loop_point(floor, calls, rate=40, seconds=0.5)["degraded_share"] is None
 
