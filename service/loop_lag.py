@@ -23,11 +23,6 @@ TICK_SECONDS = 0.005
 # due time, and under overload (64 connections, no admission bound) 99 % fired 3 ms late or more.
 BUSY_SECONDS = 0.003
 
-# A fetch's timeout that found the loop busy looks again this much later: by then the loop has
-# polled its sockets (asyncio and uvloop run due timers before they poll), so a reply that came
-# meanwhile has been read.
-RELOOK_SECONDS = 0.002
-
 
 class LoopLag:
     """The lateness of a periodic tick on the event loop, the last few hundred of them."""
@@ -73,17 +68,17 @@ class LoopLag:
 class PatientTimeout:
     """A timeout of `budget` seconds that waits on while the event loop is busy.
 
-    When due, it looks at the loop. If the loop ran late since the fetch began (or since the
-    last look), a reply may be here unread: it looks again `RELOOK_SECONDS` later, after the
-    loop has polled its sockets once more, and so on up to `longest` seconds in all. It expires
-    - at a look that finds the loop keeping up: the reply had every chance to be read, so the
-      store is slow or gone (`loop_was_busy` is False);
-    - at `longest`, with the loop still busy: if the store answered other fetches meanwhile,
-      nothing is known about this one's (`loop_was_busy` is True); if it answered none, a hung
-      store is the likelier story, and it is blamed (`loop_was_busy` is False).
+    When due, it looks at the loop. If the loop ran late since the last look, a reply may be
+    here unread, and it looks again one budget later, up to `longest` seconds in all: once in
+    any case, so that the loop gets to read what came, and after that only while the store
+    answers other fetches (`answered_at`, the loop time of the last reply): a hung store under
+    load answers none, and must still be found out. It expires
+    - when the loop kept up since the last look, or the store answered nothing: the store is
+      slow or gone, `loop_was_busy` is False;
+    - at `longest`, with the loop still busy and the store answering others: nothing is known
+      about this fetch's store, `loop_was_busy` is True.
     The body sees TimeoutError, like `asyncio.timeout`; `expired` tells it apart from a
-    TimeoutError the body raised itself. `answered_at` gives the loop time of the store's last
-    reply to any fetch.
+    TimeoutError the body raised itself.
     """
 
     def __init__(
@@ -102,7 +97,8 @@ class PatientTimeout:
     async def __aenter__(self) -> PatientTimeout:
         self._loop = asyncio.get_running_loop()
         now = self._loop.time()
-        self._started = self._last_look = now
+        self._last_look = now
+        self._looks = 0
         self._latest = now + max(self._budget, self._longest)
         self._timeout = asyncio.timeout(None)
         await self._timeout.__aenter__()
@@ -121,11 +117,15 @@ class PatientTimeout:
 
     def _look(self) -> None:
         now = self._loop.time()
-        busy = max(now - self._due, self._lag.worst_since(self._last_look, now)) > BUSY_SECONDS
-        if busy and now < self._latest:
+        # A whole budget back, even when the last look (before `longest`) came sooner.
+        since = min(self._last_look, now - self._budget)
+        busy = max(now - self._due, self._lag.worst_since(since, now)) > BUSY_SECONDS
+        store_alive = self._looks == 0 or self._answered_at() > self._last_look
+        self.loop_was_busy = busy and store_alive
+        if self.loop_was_busy and now < self._latest:
+            self._looks += 1
             self._last_look = now
-            self._due = min(self._latest, now + RELOOK_SECONDS)
+            self._due = min(self._latest, now + self._budget)
             self._look_later = self._loop.call_at(self._due, self._look)
-            return
-        self.loop_was_busy = busy and self._answered_at() > self._started
-        self._timeout.reschedule(now)  # expires: the body is cancelled, TimeoutError
+        else:
+            self._timeout.reschedule(now)  # expires: the body is cancelled, TimeoutError

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from feature_client.memory_store import InMemoryFeatureStore
 from feature_client.store import FeatureStoreUnavailable, RawFeatures
+from service import loop_lag
 from service.circuit_breaker import CircuitBreaker, CircuitState
 from service.metrics import Metrics
 from service.registry import LoadedModel
@@ -211,30 +213,46 @@ async def test_a_hung_store_is_blamed_even_while_the_loop_is_busy() -> None:
 async def test_a_loop_busy_to_the_end_while_the_store_answers_others_blames_nobody() -> None:
     store, pipeline, metrics = _slow_pipeline(0.0, feature_timeout_ms=30)
     async with _ticking(pipeline):
+        stop = asyncio.Event()
 
-        async def busy(stop: asyncio.Event) -> None:
-            # Other requests' work, back to back: the loop only ever pauses to poll.
+        async def other_requests() -> None:
+            # Requests the store answers, each followed by 10 ms of the loop held.
             while not stop.is_set():
+                assert not (await pipeline.score(ScoreRequest("u1", ["a1"], {}))).degraded
                 hold_the_loop(0.01)
-                await asyncio.sleep(0)
 
-        for _ in range(3):
-            stop = asyncio.Event()
-
-            # A 300 ms deadline leaves time to score after the 90 ms of patience.
-            hung = asyncio.create_task(
-                pipeline.score(ScoreRequest("hung", ["a1"], {}, timeout_ms=300))
-            )
-            await asyncio.sleep(0)  # its fetch has begun; the store answers another one
-            assert not (await pipeline.score(ScoreRequest("u1", ["a1"], {}))).degraded
-            holding = asyncio.create_task(busy(stop))
-            result = await hung
+        others = [asyncio.create_task(other_requests()) for _ in range(3)]
+        try:
+            for _ in range(3):
+                # A 300 ms deadline leaves time to score after the 90 ms of patience.
+                result = await pipeline.score(ScoreRequest("hung", ["a1"], {}, timeout_ms=300))
+                assert result.degraded
+        finally:
             stop.set()
-            await holding
-            assert result.degraded
+            await asyncio.gather(*others)
     # Three budgets' patience each, then given up on without blaming the store.
     assert _degraded(metrics, "event_loop_busy") == 3 and _degraded(metrics, "timeout") == 0
-    assert _degraded(metrics, "circuit_open") == 0 and store.calls == 6
+    assert _degraded(metrics, "circuit_open") == 0 and store.calls > 6
+
+
+async def test_the_ticks_show_a_loop_that_was_busy_before_the_timeout_came_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Busy from 5 to 20 ms of a 25 ms budget: the timeout comes due on time, and only the
+    # ticks saw the busy spell. The store answers at 30 ms, within the look that follows.
+    monkeypatch.setattr(loop_lag, "BUSY_SECONDS", 0.008)  # far above a slow machine's jitter
+    _, pipeline, _ = _slow_pipeline(0.03, feature_timeout_ms=25)
+    async with _ticking(pipeline):
+        result, _ = await asyncio.gather(
+            pipeline.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.015)
+        )
+    assert not result.degraded
+    # Without the ticks, the same request times out.
+    _, quiet, quiet_metrics = _slow_pipeline(0.03, feature_timeout_ms=25)
+    result, _ = await asyncio.gather(
+        quiet.score(ScoreRequest("u1", ["a1"], {})), _busy(0.005, 0.015)
+    )
+    assert result.degraded and _degraded(quiet_metrics, "timeout") == 1
 
 
 class TimingOutStore(InMemoryFeatureStore):
