@@ -82,12 +82,20 @@ class PatientTimeout:
     """
 
     def __init__(
-        self, lag: LoopLag, budget: float, longest: float, answered_at: Callable[[], float]
+        self,
+        lag: LoopLag,
+        budget: float,
+        longest: float,
+        answered_at: Callable[[], float],
+        alone: bool = False,
     ) -> None:
         self._lag = lag
         self._budget = budget
         self._longest = longest
         self._answered_at = answered_at
+        # A fetch that no other runs beside (the circuit breaker's probe) has no other replies
+        # to go by: it waits on while the loop is busy, like the first look.
+        self._alone = alone
         self.loop_was_busy = False
 
     @property
@@ -120,7 +128,7 @@ class PatientTimeout:
         # A whole budget back, even when the last look (before `longest`) came sooner.
         since = min(self._last_look, now - self._budget)
         busy = max(now - self._due, self._lag.worst_since(since, now)) > BUSY_SECONDS
-        store_alive = self._looks == 0 or self._answered_at() > self._last_look
+        store_alive = self._looks == 0 or self._alone or self._answered_at() > self._last_look
         self.loop_was_busy = busy and store_alive
         if self.loop_was_busy and now < self._latest:
             self._looks += 1

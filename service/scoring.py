@@ -162,7 +162,11 @@ class ScoringPipeline:
             return self._without_features(request, "circuit_open", "the circuit is open")
         probe = self._breaker.state is CircuitState.HALF_OPEN
         timeout = PatientTimeout(
-            self.loop_lag, min(timeout_s, longest), longest, lambda: self._store_answered_at
+            self.loop_lag,
+            min(timeout_s, longest),
+            longest,
+            lambda: self._store_answered_at,
+            alone=probe,  # a half-open circuit lets no other fetch run beside the probe
         )
         try:
             async with timeout:

@@ -288,3 +288,28 @@ async def test_a_cancelled_probe_lets_the_next_request_probe() -> None:
     assert not result.degraded  # it was allowed to probe, and closed the circuit
     assert store.calls == 3
     assert metrics.registry.get_sample_value("adscore_feature_store_circuit_state") == 0
+
+
+async def test_a_probe_waits_out_a_busy_loop_though_no_other_fetch_runs_beside_it() -> None:
+    # The store answers after 50 ms, past two 20 ms budgets, while the loop stays busy. The
+    # probe has no other replies to go by, and must not reopen the circuit for that.
+    store, pipeline, metrics = _slow_pipeline(
+        0.05, breaker_failure_threshold=1, breaker_open_seconds=0.01, feature_timeout_ms=20
+    )
+    assert (await pipeline.score(ScoreRequest("hung", ["a1"], {}))).degraded  # opens it
+    await asyncio.sleep(0.02)
+    stop = asyncio.Event()
+
+    async def busy() -> None:
+        while not stop.is_set():
+            hold_the_loop(0.01)
+            await asyncio.sleep(0)
+
+    async with _ticking(pipeline):
+        holding = asyncio.create_task(busy())
+        probe = await pipeline.score(ScoreRequest("u1", ["a1"], {}, timeout_ms=300))
+        stop.set()
+        await holding
+    assert not probe.degraded
+    assert metrics.registry.get_sample_value("adscore_feature_store_circuit_state") == 0
+    assert store.calls == 2
