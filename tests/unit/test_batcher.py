@@ -118,6 +118,7 @@ def test_a_shared_calibration_runs_once_per_batch_and_each_request_gets_its_rows
     runtime: FakeRuntime, metrics: Metrics
 ) -> None:
     shared, other = CountingCalibration(2.0), CountingCalibration(-1.0)
+    mixed_runtime = FakeRuntime()  # a fresh one: its `entered` count starts at zero
 
     async def scenario() -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]]:
         engine = batcher(metrics, max_batch_rows=64)
@@ -131,12 +132,16 @@ def test_a_shared_calibration_runs_once_per_batch_and_each_request_gets_its_rows
         await busy
         results = await asyncio.gather(*calibrated)
         # Another calibration in the same batch: each request is calibrated with its own.
-        busy = await occupy(runtime, engine)
-        first = asyncio.ensure_future(engine.predict_calibrated(runtime, shared.apply, rows(0, 2)))
-        second = asyncio.ensure_future(engine.predict_calibrated(runtime, other.apply, rows(5, 2)))
-        uncalibrated = asyncio.ensure_future(engine.predict(runtime, rows(9, 1)))
+        busy = await occupy(mixed_runtime, engine)
+        first = asyncio.ensure_future(
+            engine.predict_calibrated(mixed_runtime, shared.apply, rows(0, 2))
+        )
+        second = asyncio.ensure_future(
+            engine.predict_calibrated(mixed_runtime, other.apply, rows(5, 2))
+        )
+        uncalibrated = asyncio.ensure_future(engine.predict(mixed_runtime, rows(9, 1)))
         await asyncio.sleep(0.01)
-        runtime.gate.set()
+        mixed_runtime.gate.set()
         await busy
         (_, a), (_, b), plain = await first, await second, await uncalibrated
         engine.close()
@@ -145,8 +150,11 @@ def test_a_shared_calibration_runs_once_per_batch_and_each_request_gets_its_rows
         np.testing.assert_array_equal(plain, [9])
         return results
 
-    results = asyncio.run(scenario())
-    assert runtime.calls == [1, 9, 1, 5]
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        mixed_runtime.gate.set()
+    assert runtime.calls == [1, 9] and mixed_runtime.calls == [1, 5]
     assert shared.calls == [9, 2] and other.calls == [2]  # the batch of 9 rows: one call
     for i, (logits, probabilities) in enumerate(results):
         np.testing.assert_array_equal(logits, [10 * i, 10 * i + 1, 10 * i + 2])
