@@ -315,34 +315,30 @@ def _locust(server_url: str, folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stats))
 
 
-def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path) -> None:
-    demo_world = population.bench_world(DEMO.read_metadata("pcvr", 1), users=10_000, ads=50_000)
-    population.load_population(redis_url, demo_world, DEMO.read_metadata("pcvr", 1).spec())
-    server = LiveServer(
-        create_app(Settings(model_repository=DEMO.root, redis_url=redis_url, auth_enabled=False))
-    )
+def _locust_against_demo(redis_url: str, folder: Path) -> dict[str, str]:
+    """The /v1/score stats row of a short locust run against adscore serving the demo."""
+    settings = Settings(model_repository=DEMO.root, redis_url=redis_url, auth_enabled=False)
+    server = LiveServer(create_app(settings))
     server.start()
     try:
-        rows = _locust(server.url, tmp_path)
+        rows = _locust(server.url, folder)
     finally:
         server.stop()
     (score,) = [r for r in rows if r["Name"] == "/v1/score"]
+    return score
+
+
+def test_locustfile_runs_headless_against_adscore(redis_url: str, tmp_path: Path) -> None:
+    demo_world = population.bench_world(DEMO.read_metadata("pcvr", 1), users=10_000, ads=50_000)
+    population.load_population(redis_url, demo_world, DEMO.read_metadata("pcvr", 1).spec())
+    score = _locust_against_demo(redis_url, tmp_path)
     assert int(score["Request Count"]) > 10
     assert int(score["Failure Count"]) == 0
 
 
 def test_locustfile_fails_answers_scored_on_default_features(tmp_path: Path) -> None:
     # No Redis listens there: every answer is degraded (the default policy answers on defaults).
-    settings = Settings(
-        model_repository=DEMO.root, redis_url="redis://127.0.0.1:9/0", auth_enabled=False
-    )
-    server = LiveServer(create_app(settings))
-    server.start()
-    try:
-        rows = _locust(server.url, tmp_path)
-    finally:
-        server.stop()
-    (score,) = [r for r in rows if r["Name"] == "/v1/score"]
+    score = _locust_against_demo("redis://127.0.0.1:9/0", tmp_path)
     assert int(score["Request Count"]) > 10
     assert int(score["Failure Count"]) == int(score["Request Count"])
     with (tmp_path / "l_failures.csv").open() as failures:
