@@ -51,6 +51,14 @@ class LoadResult:
             return float("nan")
         return float(np.percentile(chosen, q) * 1000)
 
+    def late_ms(self, q: float) -> float:
+        """Open loop: percentile of how late the generator itself wrote the requests, after
+        their intended send times (it shares the machine's cores with the server)."""
+        if not self.sent_latencies:
+            return float("nan")
+        late = np.subtract(self.latencies, self.sent_latencies)
+        return float(np.percentile(late, q) * 1000)
+
     @property
     def requests_per_second(self) -> float:
         return self.ok / self.seconds

@@ -57,13 +57,21 @@ def closed_loop_point(
     row["event_loop_cpu_ms_per_request"] = loop_cpu / max(1, requests) * 1000
     row["generator_cpu_ms_per_request"] = generator_cpu / max(1, requests) * 1000
     row["rss_mb"] = servers.rss_bytes(service.pid) / 2**20
-    return row | degraded(counters, service)
+    return row | served(counters, service)
 
 
-def degraded(before: service_counters.Counters | None, service: servers.Service) -> dict[str, Any]:
-    """The point's answers scored on default features, as a count and a share of the answers
-    the server scored meanwhile (None for a server that does not count them)."""
+def served(before: service_counters.Counters | None, service: servers.Service) -> dict[str, Any]:
+    """What the server counted during the point: the answers scored on default features, as a
+    count and a share of the answers it scored, and the p99 of each stage (None for a server
+    that does not count them)."""
     after = service_counters.read_counters(service.port)
+    stages = {"server_p99_ms": service_counters.stage_quantiles_between(before, after)}
+    return stages | degraded(before, after)
+
+
+def degraded(
+    before: service_counters.Counters | None, after: service_counters.Counters | None
+) -> dict[str, Any]:
     counted = service_counters.degraded_between(before, after)
     if counted is None or before is None or after is None:
         return {"degraded": None, "degraded_share": None, "degraded_by_reason": None}
@@ -104,9 +112,10 @@ def open_loop_point(
         "rejected": result.completed - result.ok,
         "rejected_p99_ms": result.percentile_ms(99, accepted=False),
         "rejected_p99_from_send_ms": result.percentile_ms(99, accepted=False, from_send=True),
+        "generator_late_p99_ms": result.late_ms(99),
         "errors": result.errors,
         "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
         "generator_cpu_ms_per_request": result.generator_cpu_seconds
         / max(1, result.completed)
         * 1000,
-    } | degraded(counters, service)
+    } | served(counters, service)

@@ -106,6 +106,48 @@ def _table(name: str, contender: dict[str, Any]) -> list[str]:
     return [*rows, ""]
 
 
+STAGE_COLUMNS = (
+    ("feature_fetch", "feature fetch"),
+    ("input_assembly", "input assembly"),
+    ("inference_thread_wait", "wait for an inference thread"),
+    ("inference", "inference, wait included"),
+    ("event_loop_lag", "event-loop lag"),
+)
+
+
+def _stages_table(contender: dict[str, Any]) -> list[str]:
+    """The p99 of each stage at each point, from adscore's own histograms (absent from
+    reports written before they were read, and for servers without them)."""
+    points = [("closed loop", contender["closed_loop"])] + [
+        (f"{p['load']:.0%}", p) for p in contender["open_loop"]
+    ]
+    if not any(point.get("server_p99_ms") for _, point in points):
+        return []
+    rows = [
+        "#### Where the time goes",
+        "",
+        "The p99 of each stage as adscore's histograms timed it (bucket-interpolated, as "
+        "Prometheus's histogram_quantile), beside how late the open-loop generator itself "
+        "wrote its requests: it shares the cores, and its lateness counts in the latency from "
+        "the intended send time.",
+        "",
+        "| load | "
+        + " | ".join(f"{title} ms" for _, title in STAGE_COLUMNS)
+        + " | generator late ms |",
+        "|---|" + "---|" * (len(STAGE_COLUMNS) + 1),
+    ]
+    for label, point in points:
+        stages = point.get("server_p99_ms") or {}
+        cells = [_ms(stages.get(key)) for key, _ in STAGE_COLUMNS]
+        cells.append(_ms(point.get("generator_late_p99_ms")))
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*rows, ""]
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.1f}"  # NaN: nothing measured
+
+
 def _share(share: float | None) -> str:
     """A share of answers, or n/a for a server (or a report) that does not count them."""
     return "n/a" if share is None else f"{share:.1%}"
@@ -210,6 +252,7 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
         "",
         *_floor_section(results),
         *_table("adscore", results["adscore"]),
+        *_stages_table(results["adscore"]),
     ]
     if "naive" in results:
         lines += _table("naive service (pydantic per candidate, GET per key, run on the loop)",

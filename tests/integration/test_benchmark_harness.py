@@ -28,6 +28,7 @@ from benchmarks import (
     population,
     providers,
     servers,
+    service_counters,
     settings_ab,
 )
 from benchmarks.http_floor import efficiency_ceiling
@@ -194,12 +195,67 @@ def test_report_states_the_target_ratios(tmp_path: Path) -> None:
     assert "| 70% | 70 | 63 | 6,300 |" in report
     assert "| 7 | n/a |" in report  # a report without degraded counts says so
     assert "HTTP floor" not in report  # not measured in this run
+    assert "Where the time goes" not in report  # no stage timings in these results
     assert "Warning" not in report
     adscore["closed_loop"] |= {"degraded": 30.0, "degraded_share": 0.03}
     report = write_report(results, tmp_path).read_text()
     assert "scored on default features (feature store failed or timed out) 3.0%" in report
     assert "**Warning:** closed loop: 3.0% of the answers were scored on default" in report
     assert orjson.loads(orjson.dumps(results)) == results  # results.json can hold them
+
+
+def test_report_shows_where_each_points_time_goes(tmp_path: Path) -> None:
+    adscore = _contender(90_000.0, 8.0)
+    results = {
+        "command": "python -m benchmarks", "started": "now", "machine": "2 cores",
+        "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 256,
+        "mean_candidates": 256.0, "seconds_per_point": 1.0,
+        "in_process": {"requests_per_second": 400.0, "candidates_per_second": 100_000.0,
+                       "cpu_ms_per_request": 4.0},
+        "adscore": adscore,
+    }  # fmt: skip
+    at70 = next(point for point in adscore["open_loop"] if point["load"] == 0.7)
+    at70["server_p99_ms"] = {
+        "feature_fetch": 12.5, "input_assembly": 0.25, "inference_thread_wait": None,
+        "inference": 7.0, "event_loop_lag": 3.0,
+    }  # fmt: skip
+    at70["generator_late_p99_ms"] = 41.0
+    report = write_report(results, tmp_path).read_text()
+    assert "#### Where the time goes" in report
+    assert "| 70% | 12.5 | 0.2 | n/a | 7.0 | 3.0 | 41.0 |" in report
+    assert "| closed loop | n/a | n/a | n/a | n/a | n/a | n/a |" in report
+
+
+def test_stage_quantiles_come_from_the_buckets_filled_between_two_readings() -> None:
+    def reading(fetch: list[float], lag: list[float]) -> service_counters.Counters:
+        bounds = ("0.001", "0.005", "+Inf")
+        counters = {
+            ("adscore_stage_duration_seconds_bucket", f'stage="feature_fetch",le="{le}"'): c
+            for le, c in zip(bounds, fetch, strict=True)
+        } | {
+            ("adscore_stage_duration_seconds_bucket", f'stage="inference",le="{le}"'): 1000.0
+            for le in bounds
+        }
+        return counters | {
+            ("adscore_event_loop_lag_seconds_bucket", f'le="{le}"'): c
+            for le, c in zip(bounds, lag, strict=True)
+        }
+
+    before = reading([10, 20, 20], [5, 5, 5])
+    after = reading([10, 110, 120], [105, 105, 105])
+    fetch = service_counters.histogram_between(
+        before, after, "adscore_stage_duration_seconds", {"stage": "feature_fetch"}
+    )
+    assert fetch == [(0.001, 0.0), (0.005, 90.0), (float("inf"), 100.0)]
+    assert service_counters.quantile(fetch, 0.5) == pytest.approx(0.001 + 0.004 * 50 / 90)
+    assert service_counters.quantile(fetch, 0.99) == 0.005  # in +Inf: the highest finite bound
+    stages = service_counters.stage_quantiles_between(before, after)
+    assert stages is not None
+    assert stages["feature_fetch"] == pytest.approx(5.0)
+    assert stages["event_loop_lag"] == pytest.approx(0.99)  # within the first bucket
+    assert stages["inference"] is None  # nothing observed between the readings
+    assert stages["inference_thread_wait"] is None  # no such histogram
+    assert service_counters.stage_quantiles_between(None, after) is None
 
 
 def test_report_holds_adscore_against_the_in_process_limit_plus_the_http_floor(
@@ -255,8 +311,14 @@ def test_points_count_the_answers_scored_on_default_features(
     assert sum(timed_out["degraded_by_reason"].values()) == timed_out["degraded"]
     assert set(timed_out["degraded_by_reason"]) <= {"timeout", "circuit_open"}
     assert fetched["degraded_by_reason"] == {}
+    # The stages the server timed during the point, and the generator's own lateness.
+    stages = fetched["server_p99_ms"]
+    assert stages["feature_fetch"] > 0 and stages["inference"] > 0
+    assert stages["input_assembly"] > 0 and stages["event_loop_lag"] is not None
+    assert 0 <= fetched["generator_late_p99_ms"] < 1000
     with servers.http_floor(tmp_path / "floor.log") as floor:  # no counters to read
-        assert open_loop_point(floor, calls, rate=40, seconds=0.5)["degraded_share"] is None
+        point = open_loop_point(floor, calls, rate=40, seconds=0.5)
+        assert point["degraded_share"] is None and point["server_p99_ms"] is None
 
 
 def test_server_cpu_is_split_into_the_main_threads_and_the_rest() -> None:
