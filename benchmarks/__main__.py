@@ -8,6 +8,11 @@ service, in one run.
 One private redis-server holds the features of a synthetic population (100k users, 200k ads by
 default) encoded with the demo model's spec; every contender gets the same requests in the same
 order. Writes report.md, results.json and latency.png (with the `bench` extra) to --out.
+
+Serving efficiency compares two measurements taken at different moments, and a shared machine's
+speed drifts by a quarter within minutes: the in-process limit and adscore's closed loop are
+therefore alternated for `--rounds` rounds, and the efficiency is the median of the per-round
+ratios (the figures shown for each are those of its median round).
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ def _contender(
     calls: list[population.ScoreCall],
     folder: Path,
     args: argparse.Namespace,
+    closed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    print(f"{name}: closed loop, {args.connections} connections", flush=True)
-    closed = closed_loop_point(service, calls, folder, args.connections, args.seconds)
-    print(f"  {closed['requests_per_second']:.0f} requests/s", flush=True)
+    """The closed loop (unless measured already) and the open-loop curve at shares of it."""
+    if closed is None:
+        closed = _closed_loop(name, service, calls, folder, args)
     curve = []
     for load in LOADS:
         rate = load * closed["requests_per_second"]
@@ -49,6 +55,24 @@ def _contender(
     # A lone request: the unloaded latency the load points are compared with.
     unloaded = open_loop_point(service, calls, 20.0, min(args.seconds, 5.0))
     return {"closed_loop": closed, "open_loop": curve, "unloaded": unloaded}
+
+
+def _closed_loop(
+    name: str,
+    service: servers.Service,
+    calls: list[population.ScoreCall],
+    folder: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    print(f"{name}: closed loop, {args.connections} connections", flush=True)
+    closed = closed_loop_point(service, calls, folder, args.connections, args.seconds)
+    print(f"  {closed['requests_per_second']:.0f} requests/s", flush=True)
+    return closed
+
+
+def median_round(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median requests/s (the lower one of the middle two)."""
+    return sorted(rows, key=lambda row: row["requests_per_second"])[(len(rows) - 1) // 2]
 
 
 def main() -> int:
@@ -62,6 +86,11 @@ def main() -> int:
     parser.add_argument("--ads", type=int, default=200_000, help="population (default 200k)")
     parser.add_argument("--requests", type=int, default=5_000, help="distinct requests")
     parser.add_argument("--connections", type=int, default=16, help="closed loop (default 16)")
+    parser.add_argument(
+        "--rounds", type=_positive,
+        help="alternated rounds of the in-process limit and adscore's closed loop (default 3; "
+        "1 with --quick)",
+    )  # fmt: skip
     parser.add_argument(
         "--workers", type=int, default=1,
         help="adscore's serving processes (ADSCORE_WORKERS); the in-process limit runs in as "
@@ -78,6 +107,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.users, args.ads, args.requests = 2.0, 5_000, 10_000, 500
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
 
     metadata = population.active_model(args.model_repository, args.model)
     world = population.bench_world(metadata, args.users, args.ads)
@@ -103,18 +134,6 @@ def main() -> int:
     with LocalRedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         population.load_population(redis.url, world, metadata.spec())
-        print(f"in-process limit ({args.workers} x 2 threads, no HTTP)", flush=True)
-        results["in_process"] = inprocess.in_process_limit(
-            args.model_repository,
-            args.model,
-            redis.url,
-            calls,
-            contexts,
-            threads=2,
-            seconds=args.seconds,
-            processes=args.workers,
-        )
-        print(f"  {results['in_process']['requests_per_second']:.0f} requests/s", flush=True)
         print(f"HTTP floor ({args.workers} process(es), JSON in and out, nothing else)", flush=True)
         with servers.http_floor(args.out / "floor.log", args.workers) as service:
             floor = closed_loop_point(service, calls, folder, args.connections, args.seconds)
@@ -123,7 +142,35 @@ def main() -> int:
         log = args.out / "adscore.log"
         served = {"model_name": args.model, "workers": str(args.workers)} | dict(args.setting)
         with servers.adscore(args.model_repository, redis.url, log, **served) as service:
-            results["adscore"] = _contender("adscore", service, calls, folder, args)
+            limits, closed_loops = [], []
+            for index in range(args.rounds):
+                print(
+                    f"round {index + 1}/{args.rounds}: in-process limit "
+                    f"({args.workers} x 2 threads, no HTTP)",
+                    flush=True,
+                )
+                limits.append(
+                    inprocess.in_process_limit(
+                        args.model_repository,
+                        args.model,
+                        redis.url,
+                        calls,
+                        contexts,
+                        threads=2,
+                        seconds=args.seconds,
+                        processes=args.workers,
+                    )
+                )
+                print(f"  {limits[-1]['requests_per_second']:.0f} requests/s", flush=True)
+                closed_loops.append(_closed_loop("adscore", service, calls, folder, args))
+            results["in_process"] = median_round(limits)
+            results["efficiency_rounds"] = [
+                closed["candidates_per_second"] / limit["candidates_per_second"]
+                for limit, closed in zip(limits, closed_loops, strict=True)
+            ]
+            results["adscore"] = _contender(
+                "adscore", service, calls, folder, args, median_round(closed_loops)
+            )
         if not args.skip_naive:
             with servers.naive(
                 args.model_repository, redis.url, args.out / "naive.log", args.model
@@ -133,6 +180,13 @@ def main() -> int:
     write_report(results, args.out)
     print(f"wrote {args.out / 'report.md'}")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
 
 
 def _machine() -> str:
