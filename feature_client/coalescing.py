@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -75,9 +76,10 @@ class CoalescingReader:
                 keys, future = batch[0]
                 results = [await self._fetch_keys(list(keys))]
             else:
-                unique = list(dict.fromkeys(k for keys, _ in batch for k in keys))
+                # Merged, deduplicated and split back in C loops (chain, dict, map).
+                unique = list(dict.fromkeys(itertools.chain.from_iterable(k for k, _ in batch)))
                 found = dict(zip(unique, await self._fetch_keys(unique), strict=True))
-                results = [[found[k] for k in keys] for keys, _ in batch]
+                results = [list(map(found.__getitem__, keys)) for keys, _ in batch]
         except Exception as exc:
             for _, future in batch:
                 if not future.done():

@@ -19,7 +19,7 @@ class InMemoryFeatureStore:
 
     async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
         get = self._values.get
-        return RawFeatures(get(self.keys.user(user_id)), [get(self.keys.ad(a)) for a in ad_ids])
+        return RawFeatures(get(self.keys.user(user_id)), list(map(get, self.keys.ads(ad_ids))))
 
     async def write(self, items: Sequence[tuple[str, bytes]]) -> None:
         self._values.update(items)

@@ -75,8 +75,9 @@ class RedisFeatureStore:
 
     async def fetch(self, user_id: str, ad_ids: Sequence[str]) -> RawFeatures:
         """One request's vectors, read in an MGET shared with the concurrent requests."""
-        keys = self.keys
-        values = await self._reader.get([keys.user(user_id), *[keys.ad(a) for a in ad_ids]])
+        keys = self.keys.ads(ad_ids)
+        keys.insert(0, self.keys.user(user_id))
+        values = await self._reader.get(keys)
         return RawFeatures(values[0], values[1:])
 
     async def write(self, items: Sequence[tuple[str, bytes]]) -> None:

@@ -60,6 +60,11 @@ class KeyLayout:
     def ad(self, ad_id: str) -> str:
         return f"{self.namespace}:a:{ad_id}"
 
+    def ads(self, ad_ids: Sequence[str]) -> list[str]:
+        """The keys of many ads (one concatenation each, for the hot path)."""
+        prefix = f"{self.namespace}:a:"
+        return [prefix + ad_id for ad_id in ad_ids]
+
     def entity(self, source: str, entity_id: str) -> str:
         return f"{self.namespace}:{source[0]}:{entity_id}"
 

@@ -6,6 +6,7 @@ import pytest
 from redis.asyncio.connection import Connection
 
 from feature_client.resp import pack_mget
+from feature_client.store import KeyLayout
 
 
 @pytest.mark.parametrize(
@@ -18,3 +19,10 @@ from feature_client.resp import pack_mget
 )
 def test_pack_mget_matches_redis_py(keys: list[str]) -> None:
     assert b"".join(pack_mget(keys)) == b"".join(Connection().pack_command("MGET", *keys))
+
+
+def test_the_keys_of_many_ads_are_each_ads_key() -> None:
+    keys = KeyLayout("adscore")
+    ad_ids = ["a1", "café-ü", "a1", "x" * 128]
+    assert keys.ads(ad_ids) == [keys.ad(ad_id) for ad_id in ad_ids]
+    assert keys.ads([]) == []
