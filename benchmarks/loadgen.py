@@ -52,8 +52,9 @@ class LoadResult:
         return float(np.percentile(chosen, q) * 1000)
 
     def late_ms(self, q: float) -> float:
-        """Open loop: percentile of how late the generator itself wrote the requests, after
-        their intended send times (it shares the machine's cores with the server)."""
+        """Open loop: percentile of how late the requests were written after their intended
+        send times: the generator's own lateness (it shares the machine's cores with the
+        server), and any wait for a free connection or for a new one to open."""
         if not self.sent_latencies:
             return float("nan")
         late = np.subtract(self.latencies, self.sent_latencies)

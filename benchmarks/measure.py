@@ -109,6 +109,7 @@ def open_loop_point(
         "p50_ms": result.percentile_ms(50),
         "p95_ms": result.percentile_ms(95),
         "p99_ms": result.percentile_ms(99),
+        "p99_from_send_ms": result.percentile_ms(99, from_send=True),
         "rejected": result.completed - result.ok,
         "rejected_p99_ms": result.percentile_ms(99, accepted=False),
         "rejected_p99_from_send_ms": result.percentile_ms(99, accepted=False, from_send=True),

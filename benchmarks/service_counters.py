@@ -11,6 +11,7 @@ readings (`stage_quantiles_between`), as Prometheus's histogram_quantile would c
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import httpx
@@ -116,9 +117,14 @@ def histogram_between(
 
 def quantile(buckets: Buckets, q: float) -> float | None:
     """The q-quantile of cumulative buckets, interpolated linearly within its bucket as
-    Prometheus's histogram_quantile does; the highest finite bound when it falls in +Inf;
-    None without observations."""
-    if not buckets or buckets[-1][1] <= 0:
+    Prometheus's histogram_quantile does; the highest finite bound when it falls in +Inf.
+    None without observations, and where Prometheus has no answer either: no +Inf bucket, or
+    counts that fall from one bucket to the next or below zero (a counter reset between the
+    readings, a worker's metrics file gone)."""
+    if len(buckets) < 2 or buckets[-1][0] != float("inf") or not buckets[-1][1] > 0:
+        return None
+    counts = [count for _, count in buckets]
+    if counts[0] < 0 or any(b < a for a, b in itertools.pairwise(counts)):
         return None
     rank = q * buckets[-1][1]
     lower_bound, lower_count = 0.0, 0.0

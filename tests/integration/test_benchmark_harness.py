@@ -32,7 +32,7 @@ from benchmarks import (
     service_counters,
     settings_ab,
 )
-from benchmarks.__main__ import median_round
+from benchmarks.__main__ import median_index
 from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.measure import open_loop_point
 from benchmarks.naive_service import build_app
@@ -221,11 +221,11 @@ def test_report_shows_where_each_points_time_goes(tmp_path: Path) -> None:
         "feature_fetch": 12.5, "input_assembly": 0.25, "inference_thread_wait": None,
         "inference": 7.0, "event_loop_lag": 3.0,
     }  # fmt: skip
-    at70["generator_late_p99_ms"] = 41.0
+    at70 |= {"generator_late_p99_ms": 41.0, "p99_from_send_ms": 20.0}
     report = write_report(results, tmp_path).read_text()
     assert "#### Where the time goes" in report
-    assert "| 70% | 12.5 | 0.2 | n/a | 7.0 | 3.0 | 41.0 |" in report
-    assert "| closed loop | n/a | n/a | n/a | n/a | n/a | n/a |" in report
+    assert "| 70% | 12.5 | 0.2 | n/a | 7.0 | 3.0 | 20.0 | 41.0 |" in report
+    assert "| closed loop | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in report
 
 
 def test_serving_efficiency_is_the_median_of_the_alternated_rounds() -> None:
@@ -244,11 +244,11 @@ def test_serving_efficiency_is_the_median_of_the_alternated_rounds() -> None:
     assert "= 0.80x the in-process limit (100,000/s); the median of 3 alternated" in lines[0]
     assert "rounds (0.80x, 0.95x, 0.70x)" in lines[0]
     assert "adscore reaches 0.83x of that cap" in lines[1]  # 0.80 of the 0.96x cap
-    results["efficiency_rounds"] = [0.8, 0.9]
-    assert serving_efficiency(results) == pytest.approx(0.85)
-    rows = [{"requests_per_second": rate, "round": i} for i, rate in enumerate((3.0, 1.0, 2.0))]
-    assert median_round(rows)["round"] == 2
-    assert median_round([*rows, {"requests_per_second": 4.0, "round": 3}])["round"] == 2
+    results["efficiency_rounds"] = [0.9, 0.8]  # the lower of the middle two: a round's own
+    assert serving_efficiency(results) == pytest.approx(0.8)
+    assert median_index([3.0, 1.0, 2.0]) == 2
+    assert median_index([3.0, 1.0, 2.0, 4.0]) == 2
+    assert median_index([5.0]) == 0
 
 
 def test_the_harness_runs_end_to_end_and_writes_every_section(tmp_path: Path) -> None:
@@ -259,6 +259,12 @@ def test_the_harness_runs_end_to_end_and_writes_every_section(tmp_path: Path) ->
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())  # NaN where nothing was refused
     assert len(results["efficiency_rounds"]) == 2
+    # The headline's two figures come from one round and divide to its efficiency.
+    shown = (
+        results["adscore"]["closed_loop"]["candidates_per_second"]
+        / results["in_process"]["candidates_per_second"]
+    )
+    assert shown == pytest.approx(min(results["efficiency_rounds"]))
     assert results["in_process"]["requests_per_second"] > 0
     assert [p["load"] for p in results["adscore"]["open_loop"]] == [0.3, 0.5, 0.7, 0.9, 1.5]
     assert results["adscore"]["closed_loop"]["degraded_share"] is not None
@@ -298,6 +304,21 @@ def test_stage_quantiles_come_from_the_buckets_filled_between_two_readings() -> 
     assert stages["inference"] is None  # nothing observed between the readings
     assert stages["inference_thread_wait"] is None  # no such histogram
     assert service_counters.stage_quantiles_between(None, after) is None
+    # Labels in another order, and series of another stage, change nothing.
+    reordered = {
+        (name, ",".join(reversed(labels.split(",")))): value
+        for (name, labels), value in after.items()
+    }
+    assert (
+        service_counters.histogram_between(
+            before, reordered, "adscore_stage_duration_seconds", {"stage": "feature_fetch"}
+        )
+        == fetch
+    )
+    # Where Prometheus has no answer, neither does the harness.
+    assert service_counters.quantile([(0.001, 5.0), (0.005, 10.0)], 0.5) is None  # no +Inf
+    assert service_counters.quantile([(0.001, 5.0), (float("inf"), 3.0)], 0.5) is None  # falls
+    assert service_counters.quantile([(0.001, -5.0), (float("inf"), 0.0)], 0.5) is None  # reset
 
 
 def test_report_holds_adscore_against_the_in_process_limit_plus_the_http_floor(
@@ -358,6 +379,7 @@ def test_points_count_the_answers_scored_on_default_features(
     assert stages["feature_fetch"] > 0 and stages["inference"] > 0
     assert stages["input_assembly"] > 0 and stages["event_loop_lag"] is not None
     assert 0 <= fetched["generator_late_p99_ms"] < 1000
+    assert 0 < fetched["p99_from_send_ms"] <= fetched["p99_ms"] + 1e-6
     with servers.http_floor(tmp_path / "floor.log") as floor:  # no counters to read
         point = open_loop_point(floor, calls, rate=40, seconds=0.5)
         assert point["degraded_share"] is None and point["server_p99_ms"] is None
