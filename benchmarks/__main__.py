@@ -32,6 +32,7 @@ from benchmarks import inprocess, population, servers
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.report import write_report
 from feature_client.redis_server import LocalRedisServer
+from service.cli import positive_int
 
 LOADS = (0.3, 0.5, 0.7, 0.9, 1.5)
 
@@ -88,7 +89,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, help="distinct requests (default 5,000)")
     parser.add_argument("--connections", type=int, default=16, help="closed loop (default 16)")
     parser.add_argument(
-        "--rounds", type=_positive,
+        "--rounds", type=positive_int,
         help="alternated rounds of the in-process limit and adscore's closed loop (default 3; "
         "1 with --quick)",
     )  # fmt: skip
@@ -189,13 +190,6 @@ def main() -> int:
     write_report(results, args.out)
     print(f"wrote {args.out / 'report.md'}")
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
 
 
 def _machine() -> str:

@@ -603,10 +603,10 @@ def _add_batch_commands(commands: Any) -> None:
         help="read features from a snapshot (adscore export-features) instead of Redis",
     )  # fmt: skip
     batch.add_argument(
-        "--chunk-rows", type=_positive, default=100_000,
+        "--chunk-rows", type=positive_int, default=100_000,
         help="rows per chunk: the unit of memory, output files and resumption (default 100000)",
     )  # fmt: skip
-    batch.add_argument("--threads", type=_positive, help="onnxruntime threads (default: cores)")
+    batch.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: cores)")
     batch.add_argument("--restart", action="store_true", help="discard a previous run in --output")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -640,7 +640,7 @@ def _add_batch_commands(commands: Any) -> None:
         "--by", choices=["hour", "day", "week"], help="--log: time buckets, UTC (default day)"
     )
     _add_log_reading_flags(evaluation)
-    evaluation.add_argument("--bins", type=_positive, default=10, help="reliability bins (10)")
+    evaluation.add_argument("--bins", type=positive_int, default=10, help="reliability bins (10)")
     evaluation.add_argument(
         "--plot", type=Path,
         help="write a reliability diagram (PNG); with --log, AUC and rates over time",
@@ -699,7 +699,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, default: Path | None = Non
     parser.add_argument("--feature-namespace", help="key prefix of the features (default adscore)")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -718,11 +718,11 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="most epochs (early stopping)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument(
-        "--cross-rank", type=_positive, metavar="N",
+        "--cross-rank", type=positive_int, metavar="N",
         help="low-rank cross layers (U V^T of rank N): fewer multiply-adds (default full rank)",
     )  # fmt: skip
     parser.add_argument(
-        "--mlp-layers", type=_positive, nargs="+", metavar="N",
+        "--mlp-layers", type=positive_int, nargs="+", metavar="N",
         help="widths of the deep tower (default 256 128 64)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -177,17 +177,21 @@ def _contender(closed_candidates: float, p99_at_70: float) -> dict[str, Any]:
     }
 
 
-def test_report_states_the_target_ratios(tmp_path: Path) -> None:
-    adscore = _contender(90_000.0, 8.0)
-    results = {
+def _results(adscore: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A harness run's results around `adscore`, against an in-process limit of 100k/s."""
+    return {
         "command": "python -m benchmarks", "started": "now", "machine": "2 cores",
         "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 256,
         "mean_candidates": 256.0, "seconds_per_point": 1.0,
         "in_process": {"requests_per_second": 400.0, "candidates_per_second": 100_000.0,
                        "cpu_ms_per_request": 4.0},
         "adscore": adscore,
-        "naive": _contender(10_000.0, 120.0),
-    }  # fmt: skip
+    } | more  # fmt: skip
+
+
+def test_report_states_the_target_ratios(tmp_path: Path) -> None:
+    adscore = _contender(90_000.0, 8.0)
+    results = _results(adscore, naive=_contender(10_000.0, 120.0))
     lines = headline(results)
     assert "0.90x the in-process limit" in lines[0]
     assert "p99 8.0 ms = 4.00x the unloaded p50 (2.0 ms)" in lines[1]
@@ -208,14 +212,7 @@ def test_report_states_the_target_ratios(tmp_path: Path) -> None:
 
 def test_report_shows_where_each_points_time_goes(tmp_path: Path) -> None:
     adscore = _contender(90_000.0, 8.0)
-    results = {
-        "command": "python -m benchmarks", "started": "now", "machine": "2 cores",
-        "population": {"users": 1, "ads": 1, "requests": 1}, "candidates": 256,
-        "mean_candidates": 256.0, "seconds_per_point": 1.0,
-        "in_process": {"requests_per_second": 400.0, "candidates_per_second": 100_000.0,
-                       "cpu_ms_per_request": 4.0},
-        "adscore": adscore,
-    }  # fmt: skip
+    results = _results(adscore)
     at70 = next(point for point in adscore["open_loop"] if point["load"] == 0.7)
     at70["server_p99_ms"] = {
         "feature_fetch": 12.5, "input_assembly": 0.25, "inference_thread_wait": None,
@@ -229,14 +226,9 @@ def test_report_shows_where_each_points_time_goes(tmp_path: Path) -> None:
 
 
 def test_serving_efficiency_is_the_median_of_the_alternated_rounds() -> None:
-    adscore = _contender(90_000.0, 8.0)
-    results: dict[str, Any] = {
-        "in_process": {"requests_per_second": 400.0, "candidates_per_second": 100_000.0,
-                       "cpu_ms_per_request": 4.0},
-        "http_floor": {"requests_per_second": 9_600.0, "server_cpu_ms_per_request": 0.1,
-                       "generator_cpu_ms_per_request": 0.02},
-        "adscore": adscore,
-    }  # fmt: skip
+    floor = {"requests_per_second": 9_600.0, "server_cpu_ms_per_request": 0.1,
+             "generator_cpu_ms_per_request": 0.02}  # fmt: skip
+    results = _results(_contender(90_000.0, 8.0), http_floor=floor)
     assert serving_efficiency(results) == pytest.approx(0.9)  # one measurement each
     results["efficiency_rounds"] = [0.8, 0.95, 0.7]
     assert serving_efficiency(results) == pytest.approx(0.8)
