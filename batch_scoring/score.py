@@ -124,8 +124,13 @@ def _entity_rows(
     """Each distinct entity fetched and decoded once, then gathered per row."""
     distinct = codec.decode(features.fetch(entity, ids.dictionary.to_pylist()))
     rows = ids.indices.to_numpy()
+    found = distinct.found[rows]
     return DecodedRows(
-        distinct.dense[rows], distinct.ids[rows], distinct.found[rows], distinct.rejected
+        distinct.dense[rows],
+        distinct.ids[rows],
+        found,
+        distinct.rejected,
+        missing=len(found) - int(found.sum()),
     )
 
 

@@ -108,3 +108,35 @@ def context_blocks(spec: FeatureSpec, context: Mapping[str, str | int | float]) 
         else:
             raise ContextError(cat.name, f"expected a string or an integer, got {value!r}")
     return dense, ids
+
+
+class ContextEncoder:
+    """`context_blocks` of one spec, remembering the blocks of the contexts it has seen.
+
+    An auction's context (device, country, hour, placement) takes few distinct values, and
+    encoding one costs a hash per categorical feature and a loop over the spec. The blocks are
+    shared by every request with that context, so they are read-only.
+    """
+
+    def __init__(self, spec: FeatureSpec, capacity: int = 4096) -> None:
+        self.spec = spec
+        self._capacity = capacity
+        self._known: dict[object, ContextBlocks] = {}
+
+    def blocks(self, context: Mapping[str, str | int | float]) -> ContextBlocks:
+        # The types are part of the key: 14 and 14.0 are equal, but only 14 is a valid value of
+        # a categorical feature.
+        key = (tuple(context.items()), tuple(map(type, context.values())))
+        try:
+            return self._known[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value, which context_blocks refuses with its reason
+            return context_blocks(self.spec, context)
+        blocks = context_blocks(self.spec, context)
+        for block in blocks:
+            block.setflags(write=False)
+        if len(self._known) >= self._capacity:
+            self._known.clear()  # a bounded memo; recent contexts come back at once
+        self._known[key] = blocks
+        return blocks

@@ -3,8 +3,9 @@
 Layout, little-endian, fixed length per entity kind and schema version:
     uint16 magic | uint16 schema_version | float32 dense[D] | int32 ids[S]
 Decoding many values is one `numpy.frombuffer` over their concatenation: no Python loop per
-feature. A value of the wrong length, magic or schema version is treated as missing, never
-decoded into garbage, and counted so that the caller can report it.
+feature, and the rows come back as views of that buffer (input assembly copies them once, into
+the model's matrices). A value of the wrong length, magic or schema version is treated as
+missing, never decoded into garbage, and counted so that the caller can report it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class DecodedRows:
     """[N] True where the store held a valid vector."""
     rejected: int
     """Values present but unreadable (wrong length, magic or schema version)."""
+    missing: int
+    """Entities without a valid vector: `found` False (0 spares the caller a scan of it)."""
 
 
 class EntityCodec:
@@ -51,6 +54,16 @@ class EntityCodec:
             ]
         )
         self.value_size = self.dtype.itemsize
+        # The same layout with magic and version read as one 32-bit header: one comparison
+        # checks both.
+        self._checked_dtype = np.dtype(
+            [
+                ("header", "<u4"),
+                ("dense", "<f4", (len(dense),)),
+                ("ids", "<i4", (len(categorical),)),
+            ]
+        )
+        self._header = MAGIC | spec.schema_version << 16
         self._default_dense = spec.dense_defaults(source)
         self._dense_width = len(dense)
         self._ids_width = len(categorical)
@@ -80,16 +93,13 @@ class EntityCodec:
         size = self.value_size
         if n and None not in values and set(map(len, values)) == {size}:  # type: ignore[arg-type]
             # The common case, every entity stored and well sized: no per-value Python loop.
-            records = np.frombuffer(b"".join(values), dtype=self.dtype)  # type: ignore[arg-type]
-            valid = (records["magic"] == MAGIC) & (
-                records["schema_version"] == self.spec.schema_version
+            records = np.frombuffer(
+                b"".join(values),  # type: ignore[arg-type]
+                dtype=self._checked_dtype,
             )
-            if valid.all():
+            if (records["header"] == self._header).all():
                 return DecodedRows(
-                    np.ascontiguousarray(records["dense"]),
-                    np.ascontiguousarray(records["ids"]),
-                    np.ones(n, dtype=np.bool_),
-                    rejected=0,
+                    records["dense"], records["ids"], np.ones(n, dtype=np.bool_), 0, 0
                 )
         well_sized = [i for i, v in enumerate(values) if v is not None and len(v) == size]
         present = n - values.count(None)
@@ -108,4 +118,7 @@ class EntityCodec:
             dense[rows] = records["dense"][valid]
             ids[rows] = records["ids"][valid]
             found[rows] = True
-        return DecodedRows(dense, ids, found, rejected=present - int(found.sum()))
+        valid_count = int(found.sum())
+        return DecodedRows(
+            dense, ids, found, rejected=present - valid_count, missing=n - valid_count
+        )

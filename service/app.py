@@ -67,8 +67,8 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_seconds_of(route).observe(time.perf_counter() - started)
+            self.metrics.requests_of(route, str(status)).inc()
 
 
 def build_store(settings: Settings) -> FeatureStore:

@@ -76,11 +76,11 @@ class AdscoreApp(FastAPI):
         try:
             response = await score_response(self.state, scope, receive)
         except ClientDisconnected:
-            metrics.requests.labels(SCORE_PATH, "499").inc()
+            metrics.requests_of(SCORE_PATH, "499").inc()
             return
         await response(scope, receive, send)
-        metrics.request_seconds.labels(SCORE_PATH).observe(time.perf_counter() - started)
-        metrics.requests.labels(SCORE_PATH, str(response.status_code)).inc()
+        metrics.request_seconds_of(SCORE_PATH).observe(time.perf_counter() - started)
+        metrics.requests_of(SCORE_PATH, str(response.status_code)).inc()
 
 
 def service_state(app_state: State) -> ServiceState:
@@ -107,9 +107,7 @@ async def score_response(app_state: State, scope: Scope, receive: Receive) -> Re
             result = await state.pipeline.score(request)
         encoding_started = time.perf_counter()
         response = JSONBytesResponse(result.to_json())
-        state.metrics.stage_seconds.labels("response").observe(
-            time.perf_counter() - encoding_started
-        )
+        state.metrics.stage_seconds_of("response").observe(time.perf_counter() - encoding_started)
         return response
     except ServiceError as exc:
         failure = error_response(exc.status_code, exc.code, exc.message)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -34,6 +35,27 @@ STAGE_BUCKETS = (
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STAGES = ("feature_fetch", "input_assembly", "inference", "response")
+
+LabelledMetric = TypeVar("LabelledMetric", bound=MetricWrapperBase)
+
+
+class Children(Generic[LabelledMetric]):
+    """A labelled metric's children, each looked up in one dict access after the first.
+
+    prometheus_client's `labels()` validates and joins its arguments on every call, which costs
+    more than the increment it precedes, several times per scoring request. Children of counters
+    and histograms are never removed, so a kept one stays the one the registry exports.
+    """
+
+    def __init__(self, metric: LabelledMetric) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], LabelledMetric] = {}
+
+    def __call__(self, *labels: str) -> LabelledMetric:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class AdCacheCollector(Collector):
@@ -460,6 +482,13 @@ class Metrics:
         for entity in ("user", "ad"):
             self.missing_entities.labels(entity)
             self.rejected_feature_values.labels(entity)
+        # What the scoring path labels on every request, kept (see Children).
+        self.request_seconds_of = Children(self.request_seconds)
+        self.stage_seconds_of = Children(self.stage_seconds)
+        self.requests_of = Children(self.requests)
+        self.model_seconds_of = Children(self.model_seconds)
+        self.scored_candidates_of = Children(self.scored_candidates)
+        self.predicted_pcvr_sum_of = Children(self.predicted_pcvr_sum)
 
     def batching(self) -> BatchMetrics:
         return BatchMetrics(
@@ -475,5 +504,5 @@ class Metrics:
     ) -> None:
         """Count the candidates a version scored and the sum of its probabilities."""
         labels = (model, str(version), role)
-        self.scored_candidates.labels(*labels).inc(len(scores))
-        self.predicted_pcvr_sum.labels(*labels).inc(float(scores.sum()))
+        self.scored_candidates_of(*labels).inc(len(scores))
+        self.predicted_pcvr_sum_of(*labels).inc(float(scores.sum()))

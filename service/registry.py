@@ -11,14 +11,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from feature_client.assembly import DENSE_INPUT, IDS_INPUT, LOGIT_OUTPUT, ModelInputs
+from feature_client.assembly import (
+    DENSE_INPUT,
+    IDS_INPUT,
+    LOGIT_OUTPUT,
+    ContextEncoder,
+    ModelInputs,
+)
 from feature_client.codec import EntityCodec
 from feature_client.spec import FeatureSpec, SpecError
 from feature_client.store import SchemaStamp
@@ -49,6 +55,11 @@ class LoadedModel:
     loaded_at: datetime
     load_seconds: float
     size_bytes: int = 0
+    context: ContextEncoder = field(init=False, repr=False, compare=False)
+    """The request context's input blocks, remembered per distinct context."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "context", ContextEncoder(self.spec))
 
     @classmethod
     def assemble(

@@ -27,7 +27,6 @@ from feature_client.assembly import (
     ContextError,
     ModelInputs,
     assemble_inputs,
-    context_blocks,
 )
 from feature_client.codec import DecodedRows
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
@@ -209,7 +208,7 @@ class ScoringPipeline:
         )
         elapsed = time.perf_counter() - started
         self._inference_seconds.observe(elapsed)
-        self._metrics.model_seconds.labels(model.name).observe(elapsed)
+        self._metrics.model_seconds_of(model.name).observe(elapsed)
         self._metrics.candidates.observe(len(probabilities))
         self._metrics.record_scores(model.name, model.version, "active", probabilities)
         return logits, probabilities
@@ -217,7 +216,7 @@ class ScoringPipeline:
     @staticmethod
     def _context(model: LoadedModel, context: Mapping[str, str | int | float]) -> ContextBlocks:
         try:
-            return context_blocks(model.spec, context)
+            return model.context.blocks(context)
         except ContextError as exc:
             raise InvalidRequest(f"context.{exc}") from exc
 
@@ -269,7 +268,7 @@ class ScoringPipeline:
 
         n = len(request.ad_ids)
         self._metrics.candidates.observe(n)
-        self._metrics.model_seconds.labels(model.name).observe(time.perf_counter() - started)
+        self._metrics.model_seconds_of(model.name).observe(time.perf_counter() - started)
         self._metrics.record_scores(model.name, model.version, route.role, scores)
         if route.shadow is not None:
             shadow = route.shadow
@@ -303,7 +302,7 @@ class ScoringPipeline:
         if degraded_reason is not None:
             self._metrics.degraded_responses.labels(degraded_reason).inc()
             return result(False, [], True)
-        missing_ads = [request.ad_ids[i] for i in np.flatnonzero(~ads.found)]
+        missing_ads = [request.ad_ids[i] for i in np.flatnonzero(~ads.found)] if ads.missing else []
         missing_user = not bool(user.found[0])
         if missing_user:
             self._metrics.missing_entities.labels("user").inc()

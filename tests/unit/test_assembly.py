@@ -9,6 +9,7 @@ import pytest
 from feature_client.assembly import (
     DENSE_INPUT,
     IDS_INPUT,
+    ContextEncoder,
     ContextError,
     _fill,
     assemble_inputs,
@@ -173,3 +174,51 @@ def test_wrong_value_types_raise_context_error_naming_the_feature(
     assert caught.value.feature == feature
     assert str(caught.value).startswith(f"{feature}: ")
     assert isinstance(caught.value, ValueError)
+
+
+# --- ContextEncoder: context_blocks remembered per distinct context ----------------------------
+
+
+def test_context_encoder_gives_the_blocks_of_context_blocks_and_remembers_them() -> None:
+    encoder = ContextEncoder(SPEC)
+    context: dict[str, str | int | float] = {"device": "web", "hour": 3, "bid_floor": 1.5}
+    first = encoder.blocks(context)
+    expected = context_blocks(SPEC, context)
+    assert [b.tolist() for b in first] == [b.tolist() for b in expected]
+    again = encoder.blocks(dict(context))
+    assert again[0] is first[0] and again[1] is first[1]
+    other = encoder.blocks({"device": "ios"})
+    assert other[1].tolist() == [[1, 0]]
+
+
+def test_remembered_blocks_are_read_only() -> None:
+    dense, ids = ContextEncoder(SPEC).blocks({"device": "web"})
+    with pytest.raises(ValueError):
+        dense[0, 0] = 9.0
+    with pytest.raises(ValueError):
+        ids[0, 0] = 9
+
+
+def test_context_encoder_tells_equal_values_of_other_types_apart() -> None:
+    # 14 == 14.0 == True in Python; only 14 is a valid hour, and True is no device.
+    encoder = ContextEncoder(SPEC)
+    assert encoder.blocks({"hour": 14})[1].tolist() == [[0, 15]]
+    with pytest.raises(ContextError):
+        encoder.blocks({"hour": 14.0})
+    assert encoder.blocks({"device": 1})[1].tolist() == [[0, 0]]
+    with pytest.raises(ContextError):
+        encoder.blocks({"device": True})
+
+
+def test_context_encoder_refuses_what_context_blocks_refuses_every_time() -> None:
+    encoder = ContextEncoder(SPEC)
+    for _ in range(2):
+        with pytest.raises(ContextError):
+            encoder.blocks({"device": ["ios"]})  # type: ignore[dict-item]
+
+
+def test_context_encoder_stays_right_past_its_capacity() -> None:
+    encoder = ContextEncoder(SPEC, capacity=3)
+    for _ in range(2):
+        for hour in range(10):
+            assert encoder.blocks({"hour": hour})[1].tolist() == [[0, hour + 1]]

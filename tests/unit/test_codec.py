@@ -65,6 +65,7 @@ def test_round_trip_of_random_rows(rows: int) -> None:
     np.testing.assert_array_equal(decoded.ids, ids)
     assert decoded.found.tolist() == [True] * rows
     assert decoded.rejected == 0
+    assert decoded.missing == 0
 
 
 def test_round_trip_for_the_other_entity_kind() -> None:
@@ -83,6 +84,7 @@ def test_missing_values_decode_to_defaults() -> None:
     assert decoded.ids.tolist() == [[0, 0, 0], [0, 0, 0]]
     assert decoded.found.tolist() == [False, False]
     assert decoded.rejected == 0  # absent is not rejected
+    assert decoded.missing == 2
 
 
 def test_mix_of_present_and_missing_keeps_row_order() -> None:
@@ -96,6 +98,7 @@ def test_mix_of_present_and_missing_keeps_row_order() -> None:
     assert decoded.dense[[0, 3]].tolist() == [USER_DEFAULTS, USER_DEFAULTS]
     assert decoded.ids[[0, 3]].tolist() == [[0, 0, 0], [0, 0, 0]]
     assert decoded.rejected == 0
+    assert decoded.missing == 2
 
 
 def _bad_values(good: bytes) -> dict[str, bytes]:
@@ -122,6 +125,7 @@ def test_unreadable_value_is_missing_and_rejected(kind: str) -> None:
     decoded = codec.decode([good[0], bad, None, good[1]])
     assert decoded.found.tolist() == [True, False, False, True]
     assert decoded.rejected == 1
+    assert decoded.missing == 2  # the rejected value and the absent one
     assert decoded.dense[1].tolist() == USER_DEFAULTS
     assert decoded.ids[1].tolist() == [0, 0, 0]
     np.testing.assert_array_equal(decoded.dense[[0, 3]], dense)
@@ -133,6 +137,7 @@ def test_every_kind_of_bad_value_is_counted() -> None:
     bad = list(_bad_values(codec.encode(*_rows(1))[0]).values())
     decoded = codec.decode([*bad, None])
     assert decoded.rejected == len(bad)
+    assert decoded.missing == len(bad) + 1
     assert not decoded.found.any()
 
 
@@ -142,6 +147,22 @@ def test_same_layout_other_schema_version_is_rejected_both_ways() -> None:
     dense, ids = _rows(2)
     assert new.decode(old.encode(dense, ids)).rejected == 2
     assert old.decode(new.encode(dense, ids)).rejected == 2
+
+
+@pytest.mark.parametrize("kind", ["wrong_magic", "other_schema"])
+def test_a_bad_header_among_well_sized_values_is_rejected_alone(kind: str) -> None:
+    # Every value present and of the right size: the header check alone tells the bad one.
+    codec = EntityCodec(SPEC, "user")
+    dense, ids = _rows(3, seed=7)
+    good = codec.encode(dense, ids)
+    bad = _bad_values(good[1])[kind]
+    assert len(bad) == codec.value_size
+    decoded = codec.decode([good[0], bad, good[2]])
+    assert decoded.found.tolist() == [True, False, True]
+    assert (decoded.rejected, decoded.missing) == (1, 1)
+    assert decoded.dense[1].tolist() == USER_DEFAULTS
+    np.testing.assert_array_equal(decoded.dense[[0, 2]], dense[[0, 2]])
+    np.testing.assert_array_equal(decoded.ids[[0, 2]], ids[[0, 2]])
 
 
 def test_decoding_an_empty_list() -> None:
