@@ -10,6 +10,7 @@ import orjson
 import pydantic
 import pytest
 
+from service import schemas
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.schemas import (
     MAX_TIMEOUT_MS,
@@ -299,6 +300,91 @@ def test_fast_parser_and_model_read_the_same_values() -> None:
     assert fast.request_id == model.request_id
     assert fast.tenant == model.tenant
     assert fast.timeout_ms == model.timeout_ms
+
+
+# --- the typed decoder and the field-by-field reading agree ----------------------------------
+
+
+# Bodies where the two JSON readers could part ways: integers beyond 64 bits (orjson reads them
+# as floats), booleans where numbers go, duplicate keys, escapes, and control characters.
+def _one_ad(tail: bytes) -> bytes:
+    """A body of user u and ad a, with `tail`'s fields (raw JSON, for what orjson cannot write)."""
+    return b'{"user_id": "u", "candidates": [{"ad_id": "a"}], ' + tail + b"}"
+
+
+def _ads(*ad_ids: bytes) -> bytes:
+    return (
+        b'{"user_id": "u", "candidates": ['
+        + b", ".join(b'{"ad_id": "%s"}' % a for a in ad_ids)
+        + b"]}"
+    )
+
+
+HUGE = b"123456789012345678901234567890"
+EDGE_CASES: list[tuple[str, bytes]] = [
+    ("huge_int_context", _one_ad(b'"context": {"hour": ' + HUGE + b"}")),
+    ("huge_int_dense_context", _one_ad(b'"context": {"bid_floor": ' + HUGE + b"}")),
+    ("int64_context", _one_ad(b'"context": {"hour": 9223372036854775807}')),
+    ("huge_int_timeout", _one_ad(b'"timeout_ms": ' + HUGE)),
+    ("huge_int_top_k", _one_ad(b'"explain": true, "explain_top_k": ' + HUGE)),
+    ("bool_context", _one_ad(b'"context": {"hour": true}')),
+    ("bool_timeout", _one_ad(b'"timeout_ms": true')),
+    ("bool_top_k", _one_ad(b'"explain_top_k": true')),
+    ("null_explain", _one_ad(b'"explain": null')),
+    ("explain_top_k", _one_ad(b'"explain": true, "explain_top_k": 3')),
+    ("infinite_number", _one_ad(b'"timeout_ms": 1e400')),
+    ("duplicate_user_id", _one_ad(b'"user_id": "v"')),
+    ("duplicate_ad_id", b'{"user_id": "u", "candidates": [{"ad_id": "a", "ad_id": "b"}]}'),
+    ("escaped_ids", b'{"user_id": "\\u00e9", "candidates": [{"ad_id": "\\u00e9\\u00e8"}]}'),
+    ("newline_ad_id", _ads(b"a", b"b\\n")),
+    ("c1_ad_id", _ads(b"\\u0085")),
+    ("nbsp_ad_id", _ads(b"a\\u00a0b")),
+    ("newline_user_id", b'{"user_id": "u\\n", "candidates": [{"ad_id": "a"}]}'),
+    ("too_many", _ads(*[b"a"] * 9)),
+    ("at_most", _ads(*[b"a"] * 8)),
+    ("ad_id_at_limit", _ads(b"a" * 16)),
+    ("ad_id_over_limit", _ads(b"a" * 17)),
+    ("emoji_ad_id_at_limit", _ads("\U0001f600".encode() * 16)),
+    ("trailing_garbage", _one_ad(b'"tenant": "t"') + b" x"),
+    ("not_json", b"{"),
+]
+EDGE_LIMITS = RequestLimits(max_candidates=8, max_id_length=16, max_explain_candidates=4)
+
+
+def _outcome(raw: bytes, limits: RequestLimits) -> object:
+    try:
+        return parse_score_request(raw, limits)
+    except (InvalidRequest, PayloadTooLarge) as exc:
+        return (exc.status_code, exc.message)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [_raw(b) for _, b in AGREEMENT] + [b for _, b in EDGE_CASES],
+    ids=[name for name, _ in AGREEMENT] + [name for name, _ in EDGE_CASES],
+)
+def test_typed_decoder_and_field_by_field_reading_agree(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for limits in (MODEL_LIMITS, EDGE_LIMITS):
+        typed = _outcome(raw, limits)
+        with monkeypatch.context() as patch:
+            patch.setattr(schemas, "_read_well_typed", lambda body, limits: None)
+            field_by_field = _outcome(raw, limits)
+        assert typed == field_by_field
+
+
+def test_valid_bodies_take_the_typed_decoder_and_refused_ones_do_not() -> None:
+    valid = _raw(_body(context={"device": "ios", "hour": 14}, timeout_ms=5, explain=True))
+    read = schemas._read_well_typed(valid, LIMITS)
+    assert read is not None
+    ad_ids, fields = read
+    assert ad_ids == ["a1", "a2"]
+    assert fields["context"] == {"device": "ios", "hour": 14}
+    assert fields["timeout_ms"] == 5.0 and fields["explain"] is True
+    for name in ("ad_id_number", "ad_id_long", "empty_candidates", "context_value_null"):
+        body = dict(AGREEMENT)[name]
+        assert schemas._read_well_typed(_raw(body), MODEL_LIMITS) is None, name
 
 
 # --- OpenAPI schema --------------------------------------------------------------------------
