@@ -21,15 +21,6 @@ from feature_client.spec import FeatureSource, FeatureSpec
 MAGIC = 0xAD5C
 
 
-# `found` of requests whose every entity was found: views of one read-only array of True.
-_ALL_FOUND = np.ones(4096, dtype=np.bool_)
-_ALL_FOUND.setflags(write=False)
-
-
-def _all_found(n: int) -> npt.NDArray[np.bool_]:
-    return _ALL_FOUND[:n] if n <= len(_ALL_FOUND) else np.ones(n, dtype=np.bool_)
-
-
 @dataclass(frozen=True)
 class DecodedRows:
     """Decoded features of N entities of one kind; defaults where `found` is False."""
@@ -107,7 +98,9 @@ class EntityCodec:
                 dtype=self._checked_dtype,
             )
             if (records["header"] == self._header).all():
-                return DecodedRows(records["dense"], records["ids"], _all_found(n), 0, 0)
+                return DecodedRows(
+                    records["dense"], records["ids"], np.ones(n, dtype=np.bool_), 0, 0
+                )
         well_sized = [i for i, v in enumerate(values) if v is not None and len(v) == size]
         present = n - values.count(None)
         dense = np.broadcast_to(self._default_dense, (n, self._dense_width)).copy()

@@ -88,10 +88,8 @@ class PatientTimeout:
         longest: float,
         answered_at: Callable[[], float],
         alone: bool = False,
-        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._lag = lag
-        self._running_loop = loop  # the running loop, when the caller has it at hand
         self._budget = budget
         self._longest = longest
         self._answered_at = answered_at
@@ -105,7 +103,7 @@ class PatientTimeout:
         return self._timeout.expired()
 
     async def __aenter__(self) -> PatientTimeout:
-        self._loop = self._running_loop or asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         now = self._loop.time()
         self._last_look = now
         self._looks = 0

@@ -145,19 +145,16 @@ class ScoringPipeline:
         if self.prediction_log is not None:
             self.prediction_log.close()
 
-    def deadline(
-        self, timeout_ms: float | None, loop: asyncio.AbstractEventLoop | None = None
-    ) -> float:
-        """When a request arriving now must be answered, in the event loop's clock (`loop`: the
-        running loop, when the caller has it: CPython 3.11 makes a system call each time
-        get_running_loop() is asked)."""
+    def deadline(self, timeout_ms: float | None) -> float:
+        """When a request arriving now must be answered, in the event loop's clock."""
         budget_ms = self._settings.request_timeout_ms if timeout_ms is None else timeout_ms
-        return (loop or asyncio.get_running_loop()).time() + budget_ms / 1000
+        return asyncio.get_running_loop().time() + budget_ms / 1000
 
     async def _fetch(
-        self, request: ScoreRequest, deadline: float, loop: asyncio.AbstractEventLoop
+        self, request: ScoreRequest, deadline: float
     ) -> tuple[RawFeatures, str | None]:
         """The stored vectors, or empty ones and the reason when the store failed."""
+        loop = asyncio.get_running_loop()
         timeout_s = self._settings.feature_timeout_ms / 1000
         longest = min(FETCH_SHARE * (deadline - loop.time()), PATIENCE_BUDGETS * timeout_s)
         if not self._breaker.allow():
@@ -169,7 +166,6 @@ class ScoringPipeline:
             longest,
             lambda: self._store_answered_at,
             alone=probe,  # a half-open circuit lets no other fetch run beside the probe
-            loop=loop,
         )
         try:
             async with timeout:
@@ -240,14 +236,13 @@ class ScoringPipeline:
         # One route per request: the versions it names stay alive until it answers.
         route = self._router.route(request.tenant, request.user_id)
         model = route.model
-        loop = asyncio.get_running_loop()
-        deadline = self.deadline(request.timeout_ms, loop)
+        deadline = self.deadline(request.timeout_ms)
         started = time.perf_counter()
         # Before the fetch: a bad context is refused without spending a round trip on it.
         context = self._context(model, request.context)
         context_done = time.perf_counter()
 
-        raw, degraded_reason = await self._fetch(request, deadline, loop)
+        raw, degraded_reason = await self._fetch(request, deadline)
         fetched = time.perf_counter()
         self._fetch_seconds.observe(fetched - context_done)
 
