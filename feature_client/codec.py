@@ -45,24 +45,16 @@ class EntityCodec:
         self.source = source
         dense = spec.dense(source)
         categorical = spec.categorical(source)
-        self.dtype = np.dtype(
-            [
-                ("magic", "<u2"),
-                ("schema_version", "<u2"),
-                ("dense", "<f4", (len(dense),)),
-                ("ids", "<i4", (len(categorical),)),
-            ]
-        )
-        self.value_size = self.dtype.itemsize
-        # The same layout with magic and version read as one 32-bit header: one comparison
+        # Magic and schema version read as one little-endian 32-bit header: one comparison
         # checks both.
-        self._checked_dtype = np.dtype(
+        self.dtype = np.dtype(
             [
                 ("header", "<u4"),
                 ("dense", "<f4", (len(dense),)),
                 ("ids", "<i4", (len(categorical),)),
             ]
         )
+        self.value_size = self.dtype.itemsize
         self._header = MAGIC | spec.schema_version << 16
         self._default_dense = spec.dense_defaults(source)
         self._dense_width = len(dense)
@@ -79,8 +71,7 @@ class EntityCodec:
                 f"[N, {self._ids_width}], got {dense.shape} and {ids.shape}"
             )
         records = np.empty(len(dense), dtype=self.dtype)
-        records["magic"] = MAGIC
-        records["schema_version"] = self.spec.schema_version
+        records["header"] = self._header
         records["dense"] = dense
         records["ids"] = ids
         blob = records.tobytes()
@@ -93,10 +84,7 @@ class EntityCodec:
         size = self.value_size
         if n and None not in values and set(map(len, values)) == {size}:  # type: ignore[arg-type]
             # The common case, every entity stored and well sized: no per-value Python loop.
-            records = np.frombuffer(
-                b"".join(values),  # type: ignore[arg-type]
-                dtype=self._checked_dtype,
-            )
+            records = np.frombuffer(b"".join(values), dtype=self.dtype)  # type: ignore[arg-type]
             if (records["header"] == self._header).all():
                 return DecodedRows(
                     records["dense"], records["ids"], np.ones(n, dtype=np.bool_), 0, 0
@@ -111,9 +99,7 @@ class EntityCodec:
                 b"".join([values[i] for i in well_sized]),  # type: ignore[misc]
                 dtype=self.dtype,
             )
-            valid = (records["magic"] == MAGIC) & (
-                records["schema_version"] == self.spec.schema_version
-            )
+            valid = records["header"] == self._header
             rows = np.asarray(well_sized)[valid]
             dense[rows] = records["dense"][valid]
             ids[rows] = records["ids"][valid]
