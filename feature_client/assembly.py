@@ -20,7 +20,7 @@ IDS_INPUT = "ids"
 LOGIT_OUTPUT = "logit"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ModelInputs:
     """The two tensors every ranking model takes."""
 

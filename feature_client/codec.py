@@ -21,7 +21,7 @@ from feature_client.spec import FeatureSource, FeatureSpec
 MAGIC = 0xAD5C
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: see ScoreRequest in service/scoring.py
 class DecodedRows:
     """Decoded features of N entities of one kind; defaults where `found` is False."""
 
@@ -85,10 +85,11 @@ class EntityCodec:
         if n and None not in values and set(map(len, values)) == {size}:  # type: ignore[arg-type]
             # The common case, every entity stored and well sized: no per-value Python loop.
             records = np.frombuffer(b"".join(values), dtype=self.dtype)  # type: ignore[arg-type]
-            if (records["header"] == self._header).all():
-                return DecodedRows(
-                    records["dense"], records["ids"], np.ones(n, dtype=np.bool_), 0, 0
-                )
+            # count_nonzero and fill: .all() and np.ones() wrap them in Python, about 1 µs each.
+            if not np.count_nonzero(records["header"] != self._header):
+                found = np.empty(n, dtype=np.bool_)
+                found.fill(True)
+                return DecodedRows(records["dense"], records["ids"], found, 0, 0)
         well_sized = [i for i, v in enumerate(values) if v is not None and len(v) == size]
         present = n - values.count(None)
         dense = np.broadcast_to(self._default_dense, (n, self._dense_width)).copy()

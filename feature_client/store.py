@@ -18,7 +18,7 @@ class FeatureStoreUnavailable(Exception):
     """The store could not answer (connection refused, timed out, or failed)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RawFeatures:
     """Stored vectors of one user and N ads, None where a key does not exist."""
 

@@ -505,4 +505,4 @@ class Metrics:
         """Count the candidates a version scored and the sum of its probabilities."""
         labels = (model, str(version), role)
         self.scored_candidates_of(*labels).inc(len(scores))
-        self.predicted_pcvr_sum_of(*labels).inc(float(scores.sum()))
+        self.predicted_pcvr_sum_of(*labels).inc(float(np.add.reduce(scores)))  # no .sum() wrapper

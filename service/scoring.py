@@ -54,7 +54,9 @@ FETCH_SHARE = 0.8
 PATIENCE_BUDGETS = 3
 
 
-@dataclass(frozen=True)
+# The value objects built on every request have slots and are not frozen: a frozen dataclass
+# sets each field through object.__setattr__ (five fields: 1.1 µs against 0.33 µs).
+@dataclass(slots=True)
 class ScoreRequest:
     """A validated scoring request."""
 
@@ -68,7 +70,7 @@ class ScoreRequest:
     explain_top_k: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScoreResult:
     """Calibrated probabilities, in candidate order, and how they were obtained."""
 
