@@ -15,6 +15,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from service.http_protocol import OneWriteHttpProtocol
 from service.settings import Settings
 from service.workers import announce_ready
 
@@ -71,5 +72,6 @@ def serve(app: FastAPI, settings: Settings, *, sockets: list[socket.socket] | No
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
+        http=OneWriteHttpProtocol,
     )
     DrainingServer(config, app, settings.shutdown_delay_seconds).run(sockets=sockets)

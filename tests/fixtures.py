@@ -20,6 +20,7 @@ from feature_client.assembly import ModelInputs
 from feature_client.redis_server import free_port
 from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
 from service.calibration import PlattCalibration
+from service.http_protocol import OneWriteHttpProtocol
 from service.model_metadata import GoldenRows, ModelMetadata, TensorInfo
 from service.repository import ModelRepository
 
@@ -80,7 +81,10 @@ class LiveServer:
 
     def __init__(self, app: FastAPI) -> None:
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        # The production protocol (service/server.py), so HTTP tests see the bytes clients see.
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", http=OneWriteHttpProtocol
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
