@@ -7,18 +7,18 @@ lists, and model labels name versions, never users, ads or tenants.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.batcher import BatchMetrics
+from service.lean_metrics import LeanCounter, LeanHistogram
 
 if TYPE_CHECKING:
     from feature_client.ad_cache import AdFeatureCache
@@ -36,10 +36,61 @@ STAGE_BUCKETS = (
 CANDIDATE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STAGES = ("feature_fetch", "input_assembly", "inference", "response")
 
-LabelledMetric = TypeVar("LabelledMetric", bound=MetricWrapperBase)
+
+class Observer(Protocol):
+    """A histogram (or one label set of one)."""
+
+    def observe(self, amount: float) -> None: ...
 
 
-class Children(Generic[LabelledMetric]):
+class Incrementer(Protocol):
+    """A counter (or one label set of one)."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
+Child = TypeVar("Child", covariant=True)
+
+
+class Labelled(Protocol[Child]):
+    """A metric with labels: prometheus_client's, or service/lean_metrics.py's."""
+
+    def labels(self, *values: str) -> Child: ...
+
+
+class HistogramFamily(Labelled[Observer], Observer, Protocol):
+    """A histogram, observed into through `labels(...)`, or directly when it has no labels."""
+
+
+class CounterFamily(Labelled[Incrementer], Incrementer, Protocol):
+    """A counter, incremented through `labels(...)`, or directly when it has no labels."""
+
+
+def hot_histogram(
+    name: str,
+    documentation: str,
+    labelnames: Sequence[str],
+    buckets: Sequence[float],
+    registry: CollectorRegistry,
+) -> HistogramFamily:
+    """A histogram the scoring path observes on every request: a lean one in memory
+    (service/lean_metrics.py), or prometheus_client's where samples go to the multiprocess
+    files."""
+    if multiprocess_mode():
+        return Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+    return LeanHistogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+
+
+def hot_counter(
+    name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+) -> CounterFamily:
+    """A counter the scoring path increments on every request (see hot_histogram)."""
+    if multiprocess_mode():
+        return Counter(name, documentation, labelnames, registry=registry)
+    return LeanCounter(name, documentation, labelnames, registry=registry)
+
+
+class Children(Generic[Child]):
     """A labelled metric's children, each looked up in one dict access after the first.
 
     prometheus_client's `labels()` validates and joins its arguments on every call, which costs
@@ -47,11 +98,11 @@ class Children(Generic[LabelledMetric]):
     and histograms are never removed, so a kept one stays the one the registry exports.
     """
 
-    def __init__(self, metric: LabelledMetric) -> None:
+    def __init__(self, metric: Labelled[Child]) -> None:
         self._metric = metric
-        self._children: dict[tuple[str, ...], LabelledMetric] = {}
+        self._children: dict[tuple[str, ...], Child] = {}
 
-    def __call__(self, *labels: str) -> LabelledMetric:
+    def __call__(self, *labels: str) -> Child:
         child = self._children.get(labels)
         if child is None:
             child = self._children[labels] = self._metric.labels(*labels)
@@ -267,38 +318,39 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.request_seconds = Histogram(
+        self.request_seconds = hot_histogram(
             "adscore_request_duration_seconds",
             "Time from request received to response sent, by route.",
             ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            registry,
         )
-        self.requests = Counter(
+        self.requests = hot_counter(
             "adscore_requests",
             "HTTP requests by route and status code.",
             ["route", "status"],
-            registry=registry,
+            registry,
         )
-        self.stage_seconds = Histogram(
+        self.stage_seconds = hot_histogram(
             "adscore_stage_duration_seconds",
             "Time spent in each stage of a scoring request.",
             ["stage"],
-            buckets=STAGE_BUCKETS,
-            registry=registry,
+            STAGE_BUCKETS,
+            registry,
         )
-        self.model_seconds = Histogram(
+        self.model_seconds = hot_histogram(
             "adscore_model_request_duration_seconds",
             "Time to score one request (fetch, assembly, inference), by the model that scored it.",
             ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            registry,
         )
-        self.candidates = Histogram(
+        self.candidates = hot_histogram(
             "adscore_candidates_per_request",
             "Ad candidates in one scoring request.",
-            buckets=CANDIDATE_BUCKETS,
-            registry=registry,
+            (),
+            CANDIDATE_BUCKETS,
+            registry,
         )
         self.missing_entities = Counter(
             "adscore_missing_features",
@@ -363,18 +415,18 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
-        self.scored_candidates = Counter(
+        self.scored_candidates = hot_counter(
             "adscore_scored_candidates",
             "Candidates scored, by model, version and role (active, canary, shadow).",
             ["model", "version", "role"],
-            registry=registry,
+            registry,
         )
-        self.predicted_pcvr_sum = Counter(
+        self.predicted_pcvr_sum = hot_counter(
             "adscore_predicted_pcvr_sum",
             "Sum of the probabilities returned; divided by adscore_scored_candidates_total it is "
             "the mean pCVR to compare with the observed conversion rate, by version and role.",
             ["model", "version", "role"],
-            registry=registry,
+            registry,
         )
         self.feature_store_circuit = Gauge(
             "adscore_feature_store_circuit_state",
