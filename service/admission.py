@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from prometheus_client import Counter, Gauge
 
 from service.errors import Overloaded
+from service.lean_metrics import Level
 
 INTERVAL_S = 0.1
 """The shortest interval over which arrivals, refusals and completions are counted (longer than
@@ -61,7 +62,7 @@ class AdmissionControl:
     def __init__(
         self,
         limit: int,
-        in_flight: Gauge,
+        in_flight: Level,
         shed: Counter,
         limit_gauge: Gauge,
         *,

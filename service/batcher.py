@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 
 from feature_client.assembly import ModelInputs, concatenate_inputs
 from service.errors import DeadlineExceeded, NotReady, Overloaded
+from service.lean_metrics import Level, Observer
 from service.runtime import ModelRuntime
 
 Logits = npt.NDArray[np.float32]
@@ -69,10 +70,10 @@ class BatchingPolicy:
 class BatchMetrics:
     """The batcher's Prometheus series (owned by service.metrics.Metrics)."""
 
-    batch_rows: Histogram
-    batch_requests: Histogram
-    queue_seconds: Histogram
-    queued_rows: Gauge
+    batch_rows: Observer
+    batch_requests: Observer
+    queue_seconds: Observer
+    queued_rows: Level
     shed: Counter
 
 

@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.batcher import BatchMetrics
-from service.lean_metrics import LeanCounter, LeanHistogram
+from service.lean_metrics import Incrementer, LeanCounter, LeanGauge, LeanHistogram, Level, Observer
 
 if TYPE_CHECKING:
     from feature_client.ad_cache import AdFeatureCache
@@ -35,18 +35,6 @@ STAGE_BUCKETS = (
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 STAGES = ("feature_fetch", "input_assembly", "inference", "response")
-
-
-class Observer(Protocol):
-    """A histogram (or one label set of one)."""
-
-    def observe(self, amount: float) -> None: ...
-
-
-class Incrementer(Protocol):
-    """A counter (or one label set of one)."""
-
-    def inc(self, amount: float = 1) -> None: ...
 
 
 Child = TypeVar("Child", covariant=True)
@@ -88,6 +76,19 @@ def hot_counter(
     if multiprocess_mode():
         return Counter(name, documentation, labelnames, registry=registry)
     return LeanCounter(name, documentation, labelnames, registry=registry)
+
+
+def hot_gauge(
+    name: str,
+    documentation: str,
+    registry: CollectorRegistry,
+    multiprocess: Literal["livesum", "livemax"],
+) -> Level:
+    """A gauge the scoring path moves on every request (see hot_histogram); `multiprocess` says
+    how workers' values combine."""
+    if multiprocess_mode():
+        return Gauge(name, documentation, registry=registry, multiprocess_mode=multiprocess)
+    return LeanGauge(name, documentation, registry=registry)
 
 
 class Children(Generic[Child]):
@@ -434,11 +435,11 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
-        self.in_flight = Gauge(
+        self.in_flight = hot_gauge(
             "adscore_in_flight_requests",
             "Scoring requests being handled now (the autoscaling signal).",
-            multiprocess_mode="livesum",
-            registry=registry,
+            registry,
+            "livesum",
         )
         self.admission_limit = Gauge(
             "adscore_admission_limit",
@@ -460,29 +461,32 @@ class Metrics:
             buckets=(0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=registry,
         )
-        self.batch_rows = Histogram(
+        self.batch_rows = hot_histogram(
             "adscore_batch_rows",
             "Candidate rows in one model call (micro-batches merge concurrent requests).",
-            buckets=CANDIDATE_BUCKETS,
-            registry=registry,
+            (),
+            CANDIDATE_BUCKETS,
+            registry,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = hot_histogram(
             "adscore_batch_requests",
             "Requests merged into one model call.",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
-            registry=registry,
+            (),
+            (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry,
         )
-        self.batch_queue_seconds = Histogram(
+        self.batch_queue_seconds = hot_histogram(
             "adscore_batch_queue_seconds",
             "Time a request waited for an inference thread (and for its batch to fill).",
-            buckets=STAGE_BUCKETS,
-            registry=registry,
+            (),
+            STAGE_BUCKETS,
+            registry,
         )
-        self.queued_rows = Gauge(
+        self.queued_rows = hot_gauge(
             "adscore_queued_rows",
             "Candidate rows waiting for an inference thread.",
-            multiprocess_mode="livesum",
-            registry=registry,
+            registry,
+            "livesum",
         )
         self.shadow_difference = Histogram(
             "adscore_shadow_abs_difference",

@@ -1,4 +1,4 @@
-"""Lean histograms and counters: the same exposition as prometheus_client's for the same
+"""Lean histograms, counters and gauges: the same exposition as prometheus_client's for the same
 observations, exact counts under concurrent threads, and clear errors."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service.lean_metrics import LeanCounter, LeanHistogram
+from service.lean_metrics import LeanCounter, LeanGauge, LeanHistogram
 from service.metrics import LATENCY_BUCKETS, Metrics
 
 # Below, on and between the bounds, past the last one, zero, and a negative amount.
@@ -132,6 +132,8 @@ def test_the_scoring_paths_metrics_are_lean_in_one_process() -> None:
     assert isinstance(metrics.request_seconds, LeanHistogram)
     assert isinstance(metrics.requests, LeanCounter)
     assert isinstance(metrics.candidates, LeanHistogram)
+    assert isinstance(metrics.batch_queue_seconds, LeanHistogram)
+    assert isinstance(metrics.in_flight, LeanGauge)
 
 
 def test_the_scoring_paths_metrics_reach_the_multiprocess_files_with_workers(
@@ -141,3 +143,20 @@ def test_the_scoring_paths_metrics_reach_the_multiprocess_files_with_workers(
     metrics = Metrics(CollectorRegistry())
     assert isinstance(metrics.request_seconds, Histogram)
     assert isinstance(metrics.requests, Counter)
+    assert isinstance(metrics.in_flight, Gauge)
+
+
+def test_a_gauge_exports_what_prometheus_clients_exports() -> None:
+    reference, lean = CollectorRegistry(), CollectorRegistry()
+    theirs = Gauge("in_flight", "Requests now.", registry=reference)
+    ours = LeanGauge("in_flight", "Requests now.", registry=lean)
+    assert exposition(lean) == exposition(reference)
+    for gauge in (theirs, ours):
+        gauge.inc()
+        gauge.inc(3)
+        gauge.dec()
+    assert exposition(lean) == exposition(reference)
+    assert lean.get_sample_value("in_flight") == 3
+    theirs.set(7)
+    ours.set(7)
+    assert exposition(lean) == exposition(reference)
