@@ -2,12 +2,12 @@
 
     python -m benchmarks.http_floor --port 8200 --workers 2
 
-The same uvicorn (uvloop, httptools) as adscore, in as many processes on one port,
-serving a bare ASGI app that reads the body, parses the JSON, takes the candidates' ad ids,
-and answers a response of adscore's shape with one constant score per candidate: no
-validation, no feature store, no model, no metrics. Its maximum throughput is what HTTP and
-JSON alone cost on this machine, so adscore can be held against the in-process limit plus this
-floor (see `efficiency_ceiling`).
+The same uvicorn (uvloop, httptools, one write per response) as adscore, in as many
+processes on one port, serving a bare ASGI app that reads the body, parses the JSON, takes the
+candidates' ad ids, and answers a response of adscore's shape with one constant score per
+candidate: no validation, no feature store, no model, no metrics. Its maximum throughput is
+what HTTP and JSON alone cost on this machine, so adscore can be held against the in-process
+limit plus this floor (see `efficiency_ceiling`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import orjson
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from service.http_protocol import OneWriteHttpProtocol
 from service.server import reuse_port_socket
 
 HEADERS = [(b"content-type", b"application/json")]
@@ -98,7 +99,9 @@ def main() -> int:
 
 
 def _serve(sock: socket.socket) -> None:
-    config = uvicorn.Config(floor_app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        floor_app, log_level="warning", access_log=False, lifespan="on", http=OneWriteHttpProtocol
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
