@@ -17,8 +17,8 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -106,17 +106,41 @@ class LeanCounterChild:
         return self._value
 
 
-class _LeanFamily(Collector):
+Child = TypeVar("Child", LeanHistogramChild, LeanCounterChild)
+
+
+class _LeanFamily(Collector, Generic[Child]):
     """Children by label values, registered on `registry` like a prometheus_client metric."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        new_child: Callable[[], Child],
     ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._new_child: Callable[[], Child] = new_child
+        self._children: dict[tuple[str, ...], Child] = {}
+        if not self.labelnames:  # exported from the start, like prometheus_client's
+            self._children[()] = new_child()
         self._lock = threading.Lock()
         registry.register(self)
+
+    def labels(self, *values: str) -> Child:
+        child = self._children.get(values)
+        if child is None:
+            key = self._key(values)
+            with self._lock:
+                child = self._children.setdefault(key, self._new_child())
+        return child
+
+    def _unlabelled(self) -> Child:
+        self._check_arity(())
+        return self._children[()]
 
     def _check_arity(self, values: tuple[object, ...]) -> None:
         if len(values) != len(self.labelnames):
@@ -137,7 +161,7 @@ class _LeanFamily(Collector):
         raise NotImplementedError
 
 
-class LeanHistogram(_LeanFamily):
+class LeanHistogram(_LeanFamily[LeanHistogramChild]):
     """A histogram with prometheus_client's `labels(...).observe(...)` (or `observe` when it has
     no labels)."""
 
@@ -154,23 +178,13 @@ class LeanHistogram(_LeanFamily):
         if list(bounds) != sorted(set(bounds)):
             raise ValueError(f"{name}: bucket bounds must be increasing, got {bounds}")
         self._bounds = bounds[:-1] if bounds and bounds[-1] == float("inf") else bounds
-        self._children: dict[tuple[str, ...], LeanHistogramChild] = {}
-        super().__init__(name, documentation, labelnames, registry)
-        if not self.labelnames:  # exported from the start, like prometheus_client's
-            self._children[()] = LeanHistogramChild(self._bounds)
-
-    def labels(self, *values: str) -> LeanHistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            key = self._key(values)
-            with self._lock:
-                child = self._children.setdefault(key, LeanHistogramChild(self._bounds))
-        return child
+        super().__init__(
+            name, documentation, labelnames, registry, lambda: LeanHistogramChild(self._bounds)
+        )
 
     def observe(self, amount: float) -> None:
         """Observe into the histogram without labels."""
-        self._check_arity(())
-        self._children[()].observe(amount)
+        self._unlabelled().observe(amount)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -194,7 +208,7 @@ class LeanHistogram(_LeanFamily):
         return iter([family])
 
 
-class LeanCounter(_LeanFamily):
+class LeanCounter(_LeanFamily[LeanCounterChild]):
     """A counter with prometheus_client's `labels(...).inc(...)`; exported as `<name>_total`."""
 
     def __init__(
@@ -205,23 +219,11 @@ class LeanCounter(_LeanFamily):
         *,
         registry: CollectorRegistry,
     ) -> None:
-        self._children: dict[tuple[str, ...], LeanCounterChild] = {}
-        super().__init__(name, documentation, labelnames, registry)
-        if not self.labelnames:
-            self._children[()] = LeanCounterChild()
-
-    def labels(self, *values: str) -> LeanCounterChild:
-        child = self._children.get(values)
-        if child is None:
-            key = self._key(values)
-            with self._lock:
-                child = self._children.setdefault(key, LeanCounterChild())
-        return child
+        super().__init__(name, documentation, labelnames, registry, LeanCounterChild)
 
     def inc(self, amount: float = 1) -> None:
         """Increment the counter without labels."""
-        self._check_arity(())
-        self._children[()].inc(amount)
+        self._unlabelled().inc(amount)
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
