@@ -5,16 +5,35 @@ Content-Length. Open-loop latency runs from each request's *intended* send time,
 that stalls is charged for the requests that queued behind the stall (no coordinated
 omission). The generator's own CPU per request is recorded: on 2 cores it competes with the
 server and must be counted.
+
+Sharing the cores, the generator is also late to *read* a reply: its event loop reaches the
+socket only after its other work. So the open loop also times each reply by the kernel's
+receive timestamp (SO_TIMESTAMPNS on Linux): from the request's write to its reply's arrival
+at the socket is the server's own response time, whatever the generator was doing then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+
+Span = Literal["intended", "sent", "server"]
+"""What an open-loop latency spans: from the intended send time to the reply read by the
+generator (the default: no coordinated omission); from the request's write to the reply read;
+or from the write to the reply's arrival at the socket (the server's response time)."""
+
+SO_TIMESTAMPNS = 35
+"""Linux's option for receive timestamps in nanoseconds (the socket module does not name it)."""
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(16)  # one struct timespec
+_RECEIVE_BYTES = 1 << 16
 
 
 @dataclass
@@ -26,6 +45,9 @@ class LoadResult:
     statuses: list[int] = field(default_factory=list)
     sent_latencies: list[float] = field(default_factory=list)
     """Open loop: from the moment each request was written, without the generator's lateness."""
+    server_latencies: list[float | None] = field(default_factory=list)
+    """Open loop: from the moment each request was written to its reply's arrival at the socket,
+    without the generator's delay in reading it; None where the kernel gave no timestamp."""
     candidates: int = 0
     errors: int = 0
     generator_cpu_seconds: float = 0.0
@@ -38,14 +60,18 @@ class LoadResult:
     def ok(self) -> int:
         return sum(1 for s in self.statuses if s == 200)
 
-    def percentile_ms(self, q: float, *, accepted: bool = True, from_send: bool = False) -> float:
-        """Latency percentile of the answered requests (200), or of the refused ones; from the
-        intended send time, or (`from_send`, open loop) from the moment the request was written."""
-        latencies = self.sent_latencies if from_send else self.latencies
+    def percentile_ms(self, q: float, *, accepted: bool = True, span: Span = "intended") -> float:
+        """Latency percentile of the answered requests (200), or of the refused ones, over `span`
+        (open loop; a closed loop records the default span only)."""
+        latencies: Sequence[float | None]
+        if span == "server":
+            latencies = self.server_latencies
+        else:
+            latencies = self.sent_latencies if span == "sent" else self.latencies
         chosen = [
             latency
             for latency, status in zip(latencies, self.statuses, strict=True)
-            if (status == 200) == accepted
+            if (status == 200) == accepted and latency is not None
         ]
         if not chosen:
             return float("nan")
@@ -78,31 +104,119 @@ def encode_post(path: str, body: bytes, headers: dict[str, str] | None = None) -
     return head.encode() + body
 
 
+@dataclass(slots=True)
+class Reply:
+    """One response: its status, and how long after the request's write its last bytes reached
+    the socket (None where the kernel gives no receive timestamps)."""
+
+    status: int
+    server_seconds: float | None
+
+
 class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    """One keep-alive HTTP/1.1 connection on a non-blocking socket, one request at a time.
+
+    The event loop calls `_on_readable` when bytes arrive; each read also brings the kernel's
+    receive timestamp of those bytes, which dates the reply they complete.
+    """
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._buffer = bytearray()
+        self._arrived_ns: int | None = None  # when the buffer's last bytes reached the socket
+        self._failure: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # not Linux: no arrival times, only reads
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            await loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, loop)
 
-    async def send(self, payload: bytes) -> int:
-        """Send one request and read its whole response; returns the status code."""
-        self.writer.write(payload)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        lower = head.lower()
-        start = lower.find(b"content-length:")
+    async def send(self, payload: bytes) -> Reply:
+        """Send one request and read its whole response."""
+        if self._failure is not None:
+            raise self._failure
+        sent_ns = time.time_ns()  # the kernel's timestamps are on the same (real-time) clock
+        await self._loop.sock_sendall(self._sock, payload)
+        while True:
+            parsed = self._take_response()
+            if parsed is not None:
+                arrived = self._arrived_ns
+                server = None if arrived is None else max(0, arrived - sent_ns) / 1e9
+                return Reply(parsed, server)
+            if self._failure is not None:
+                raise self._failure
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _take_response(self) -> int | None:
+        """The status of the complete response at the buffer's start, removed from it."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(buffer[: end + 4]).lower()
+        start = head.find(b"content-length:")
         if start < 0:
             raise ConnectionError("response without Content-Length")
-        end = lower.index(b"\r\n", start)
-        await self.reader.readexactly(int(lower[start + 15 : end]))
-        return status
+        length = int(head[start + 15 : head.index(b"\r\n", start)])
+        if len(buffer) < end + 4 + length:
+            return None
+        del buffer[: end + 4 + length]
+        return int(head[9:12])
+
+    def _on_readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self._sock.recvmsg(_RECEIVE_BYTES, _TIMESTAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(ConnectionError(f"read failed: {exc}"))
+            return
+        if not data:
+            self._fail(ConnectionError("the server closed the connection"))
+            return
+        self._buffer += data
+        self._arrived_ns = None
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                self._arrived_ns = seconds * 1_000_000_000 + nanoseconds
+        self._wake()
+
+    def _fail(self, failure: BaseException) -> None:
+        self._failure = failure
+        self._loop.remove_reader(self._sock.fileno())
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._sock.fileno() >= 0:
+            if self._failure is None:
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        if self._failure is None:
+            self._failure = ConnectionError("the connection is closed")
+        self._wake()
 
 
 async def closed_loop(
@@ -126,7 +240,7 @@ async def closed_loop(
             while time.perf_counter() < deadline:
                 payload = payloads[i % len(payloads)]
                 started = time.perf_counter()
-                status = await conn.send(payload)
+                status = (await conn.send(payload)).status
                 result.latencies.append(time.perf_counter() - started)
                 result.statuses.append(status)
                 if status == 200:
@@ -181,8 +295,8 @@ async def open_loop(
         conn = await acquire()
         sent = time.perf_counter()
         try:
-            status = await conn.send(payloads[index % len(payloads)])
-        except (ConnectionError, asyncio.IncompleteReadError):
+            reply = await conn.send(payloads[index % len(payloads)])
+        except ConnectionError:
             nonlocal opened
             result.errors += 1
             conn.close()
@@ -193,8 +307,9 @@ async def open_loop(
         answered = time.perf_counter()
         result.latencies.append(answered - intended)
         result.sent_latencies.append(answered - sent)
-        result.statuses.append(status)
-        if status == 200:
+        result.server_latencies.append(reply.server_seconds)
+        result.statuses.append(reply.status)
+        if reply.status == 200:
             result.candidates += sizes[index % len(sizes)]
         await release(conn)
 

@@ -149,19 +149,22 @@ def _stages_table(contender: dict[str, Any]) -> list[str]:
         "histogram_quantile does (above 5 ms the stages' bucket bounds are 7.5, 10, 20, 50 and "
         "100 ms). The fetch is the whole await of the coalesced MGET: the queue behind the "
         "reads in flight, Redis, and the event loop reading the reply. Beside them, the "
-        "answers' p99 from the moment each request was written, and how late requests were "
+        "answers' p99 from the moment each request was written, to the generator's read and to "
+        "the reply's arrival at its socket (the kernel's receive timestamp: the server's "
+        "response time, without the generator's delay in reading), and how late requests were "
         "written after their intended send times (the generator shares the cores; a wait for "
         "a free connection counts too).",
         "",
         "| load | "
         + " | ".join(f"{title} ms" for _, title in STAGE_COLUMNS)
-        + " | answered, p99 from the send ms | written late ms |",
-        "|---|" + "---|" * (len(STAGE_COLUMNS) + 2),
+        + " | answered, p99 from the send ms | to the arrival ms | written late ms |",
+        "|---|" + "---|" * (len(STAGE_COLUMNS) + 3),
     ]
     for label, point in points:
         stages = point.get("server_p99_ms") or {}
         cells = [_ms(stages.get(key)) for key, _ in STAGE_COLUMNS]
         cells.append(_ms(point.get("p99_from_send_ms")))
+        cells.append(_ms(point.get("p99_server_ms")))
         cells.append(_ms(point.get("generator_late_p99_ms")))
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return [*rows, ""]
@@ -300,7 +303,15 @@ def _median_of(results: dict[str, Any]) -> str:
 
 def _from_send(point: dict[str, Any]) -> str:
     sent = point.get("rejected_p99_from_send_ms")  # absent from earlier reports
-    return "" if sent is None else f", {sent:.1f} ms from the moment it was sent"
+    if sent is None:
+        return ""
+    server = point.get("rejected_p99_server_ms")  # absent from earlier reports
+    at_socket = (
+        ""
+        if server is None or server != server
+        else f", {server:.1f} ms to its arrival at the socket"
+    )
+    return f", {sent:.1f} ms from the moment it was sent{at_socket}"
 
 
 def _event_loop_share(closed: dict[str, Any]) -> str:

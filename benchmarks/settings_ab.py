@@ -110,10 +110,21 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 rounds[label].append(row)
                 print(
                     f"round {index + 1} {label}: {row['requests_per_second']:.0f} requests/s, "
-                    f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms",
+                    f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms" + _refusals(row),
                     flush=True,
                 )
     return rounds
+
+
+def _refusals(row: dict[str, Any]) -> str:
+    """An open-loop round's refusals: their p99 from the send, read and at the socket."""
+    sent, server = row.get("rejected_p99_from_send_ms"), row.get("rejected_p99_server_ms")
+    if not row["rejected"] or sent is None or server is None:
+        return ""
+    return (
+        f", {row['rejected']} refused (p99 {sent:.1f} ms from the send to the read, "
+        f"{server:.1f} ms to the arrival)"
+    )
 
 
 def rotated(calls: list[population.ScoreCall], start: int) -> list[population.ScoreCall]:

@@ -8,8 +8,11 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -218,11 +221,11 @@ def test_report_shows_where_each_points_time_goes(tmp_path: Path) -> None:
         "feature_fetch": 12.5, "input_assembly": 0.25, "inference_thread_wait": None,
         "inference": 7.0, "event_loop_lag": 3.0,
     }  # fmt: skip
-    at70 |= {"generator_late_p99_ms": 41.0, "p99_from_send_ms": 20.0}
+    at70 |= {"generator_late_p99_ms": 41.0, "p99_from_send_ms": 20.0, "p99_server_ms": 18.5}
     report = write_report(results, tmp_path).read_text()
     assert "#### Where the time goes" in report
-    assert "| 70% | 12.5 | 0.2 | n/a | 7.0 | 3.0 | 20.0 | 41.0 |" in report
-    assert "| closed loop | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in report
+    assert "| 70% | 12.5 | 0.2 | n/a | 7.0 | 3.0 | 20.0 | 18.5 | 41.0 |" in report
+    assert "| closed loop | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in report
 
 
 def test_serving_efficiency_is_the_median_of_the_alternated_rounds() -> None:
@@ -337,8 +340,12 @@ def test_report_holds_adscore_against_the_in_process_limit_plus_the_http_floor(
     overload = next(point for point in adscore["open_loop"] if point["load"] == 1.5)
     overload |= {"rejected_p99_ms": 9.0, "rejected_p99_from_send_ms": 1.5}
     assert (
-        "p99 of a refusal 9.0 ms from the intended send time, 1.5 ms from the moment it was sent"
+        "p99 of a refusal 9.0 ms from the intended send time, 1.5 ms from the moment it was sent)"
         in next(line for line in headline(results) if "150 %" in line)
+    )
+    overload["rejected_p99_server_ms"] = 1.2
+    assert "1.5 ms from the moment it was sent, 1.2 ms to its arrival at the socket)" in next(
+        line for line in headline(results) if "150 %" in line
     )
     adscore["closed_loop"]["event_loop_cpu_ms_per_request"] = 1.25
     report = write_report(results, tmp_path).read_text()
@@ -372,6 +379,7 @@ def test_points_count_the_answers_scored_on_default_features(
     assert stages["input_assembly"] > 0 and stages["event_loop_lag"] is not None
     assert 0 <= fetched["generator_late_p99_ms"] < 1000
     assert 0 < fetched["p99_from_send_ms"] <= fetched["p99_ms"] + 1e-6
+    assert 0 < fetched["p99_server_ms"] <= fetched["p99_from_send_ms"] + 1e-6
     with servers.http_floor(tmp_path / "floor.log") as floor:  # no counters to read
         point = open_loop_point(floor, calls, rate=40, seconds=0.5)
         assert point["degraded_share"] is None and point["server_p99_ms"] is None
@@ -469,7 +477,71 @@ def test_latency_from_the_send_leaves_out_what_waited_in_the_generator() -> None
     opened = asyncio.run(_against_slow_server("open", max_connections=1))
     assert opened.completed > 30
     assert opened.percentile_ms(99) > 500  # from the intended send time: the queue counts
-    assert 15 < opened.percentile_ms(99, from_send=True) < 150  # about one service time
+    assert 15 < opened.percentile_ms(99, span="sent") < 150  # about one service time
+    assert 15 < opened.percentile_ms(99, span="server") <= opened.percentile_ms(99, span="sent")
+
+
+def _reply_server(reply: bytes, *, close: bool = False) -> tuple[socket.socket, threading.Thread]:
+    """A thread that accepts one connection, reads one request (ending in `}`) and answers
+    `reply` at once, then closes the connection if `close`, or waits for the client to."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while not request.endswith(b"}"):
+                request += conn.recv(4096)
+            conn.sendall(reply)
+            if not close:
+                conn.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_reply_is_timed_by_its_arrival_not_by_when_the_busy_generator_reads_it() -> None:
+    listener, thread = _reply_server(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}"
+    )
+
+    async def send_while_busy() -> tuple[loadgen.Reply, float]:
+        conn = await loadgen.Connection.open("127.0.0.1", listener.getsockname()[1])
+        started = time.perf_counter()
+        sending = asyncio.create_task(conn.send(loadgen.encode_post("/v1/score", b"{}")))
+        await asyncio.sleep(0)  # the request is written
+        # The generator's event loop is busy (on purpose): the reply arrives, unread.
+        time.sleep(0.3)  # noqa: ASYNC251
+        reply = await sending
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return reply, elapsed
+
+    with listener:
+        reply, elapsed = asyncio.run(send_while_busy())
+        thread.join(5)
+    assert reply.status == 503
+    assert elapsed >= 0.3  # read after the busy stretch...
+    assert reply.server_seconds is not None and reply.server_seconds < 0.2  # ...arrived before
+
+
+def test_a_connection_the_server_closes_fails_the_request_waiting_on_it() -> None:
+    listener, thread = _reply_server(b"HTTP/1.1 200 OK\r\nContent-Len", close=True)
+
+    async def send() -> None:
+        conn = await loadgen.Connection.open("127.0.0.1", listener.getsockname()[1])
+        try:
+            with pytest.raises(ConnectionError, match="closed the connection"):
+                await conn.send(loadgen.encode_post("/v1/score", b"{}"))
+            with pytest.raises(ConnectionError):  # and every later request on it
+                await conn.send(loadgen.encode_post("/v1/score", b"{}"))
+        finally:
+            conn.close()
+
+    with listener:
+        asyncio.run(send())
+        thread.join(5)
 
 
 def test_percentiles_separate_answers_from_refusals() -> None:
@@ -520,6 +592,16 @@ def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
     assert list(written["rounds"]) == ["off", "all"]
     for median_row, rows in zip(medians, written["rounds"].values(), strict=True):
         assert [r["requests_per_second"] for r in rows] == [median_row["requests_per_second"]]
+
+
+def test_settings_ab_rounds_show_how_fast_refusals_arrived() -> None:
+    row = {"rejected": 12, "rejected_p99_from_send_ms": 6.25, "rejected_p99_server_ms": 4.5}
+    assert settings_ab._refusals(row) == (
+        ", 12 refused (p99 6.2 ms from the send to the read, 4.5 ms to the arrival)"
+    )
+    assert settings_ab._refusals(row | {"rejected": 0}) == ""
+    closed_loop_row = {"rejected": 3}  # wrk counts refusals, not their times
+    assert settings_ab._refusals(closed_loop_row) == ""
 
 
 def test_a_checkout_of_another_revision_is_served_and_then_removed(
