@@ -142,16 +142,20 @@ async def poll_repository(manager: ModelManager, keys: KeyRing, interval: float)
 
 
 MIRROR_SECONDS = 5.0
+"""How often the scrape-time collectors (drift, hot-ad cache) reach the multiprocess files."""
+HOT_MIRROR_SECONDS = 1.0
+"""How often the scoring path's metrics reach them: a worker killed outright loses at most
+this much of its counts (one that stops normally writes them all)."""
 
 
-async def mirror_metrics(mirror: MultiprocessMirror) -> None:
-    """Keep this worker's scrape-time metrics in the multiprocess files (several workers)."""
+async def mirror_metrics(mirror: MultiprocessMirror, every_seconds: float, what: str) -> None:
+    """Keep this worker's in-memory metrics in the multiprocess files (several workers)."""
     while True:
         try:
             mirror.sync()
         except Exception:  # a metrics hiccup must not stop the mirroring for good
-            logger.exception("mirroring the drift and cache metrics failed")
-        await asyncio.sleep(MIRROR_SECONDS)
+            logger.exception("mirroring the %s metrics failed", what)
+        await asyncio.sleep(every_seconds)
 
 
 def _without_opentelemetry() -> dict[str, Any]:
@@ -207,8 +211,18 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             )
             cleanup.callback(poller.cancel)
             if metrics.mirror is not None:
-                mirroring = asyncio.create_task(mirror_metrics(metrics.mirror))
+                mirroring = asyncio.create_task(
+                    mirror_metrics(metrics.mirror, MIRROR_SECONDS, "drift and cache")
+                )
                 cleanup.callback(mirroring.cancel)
+            if metrics.hot_mirror is not None:
+                # Last in, first out: the final sync runs once the task is cancelled and every
+                # request has been answered.
+                cleanup.callback(metrics.hot_mirror.sync)
+                hot_mirroring = asyncio.create_task(
+                    mirror_metrics(metrics.hot_mirror, HOT_MIRROR_SECONDS, "scoring path")
+                )
+                cleanup.callback(hot_mirroring.cancel)
             plan = manager.plan(manager.default_model)
             assert plan is not None
             # Start-up objects (modules, the app, sessions) live for good: move them out of the

@@ -6,9 +6,10 @@ buckets one by one and takes a second lock for the one it finds (about 0.8 µs; 
 about 0.4 µs). These take one lock, find the bucket by bisection, and build the samples only
 when Prometheus scrapes, under the same names, labels, buckets and help texts.
 
-They keep their counts in this process's memory: in Prometheus's multiprocess mode (several
-workers, see service/workers.py) every sample must reach the shared files, and Metrics uses
-prometheus_client's own types instead.
+They keep their counts in this process's memory. In Prometheus's multiprocess mode (several
+workers, see service/workers.py), a MultiprocessMirror (service/metrics.py) copies them into the
+shared files every second and before each scrape: prometheus_client's own types would write to
+the files on every update, at about 2 µs per histogram observation.
 """
 
 from __future__ import annotations

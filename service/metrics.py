@@ -7,18 +7,18 @@ lists, and model labels name versions, never users, ads or tenants.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.batcher import BatchMetrics
-from service.lean_metrics import Incrementer, LeanCounter, LeanGauge, LeanHistogram, Level, Observer
+from service.lean_metrics import LeanCounter, LeanGauge, LeanHistogram
 
 if TYPE_CHECKING:
     from feature_client.ad_cache import AdFeatureCache
@@ -44,51 +44,6 @@ class Labelled(Protocol[Child]):
     """A metric with labels: prometheus_client's, or service/lean_metrics.py's."""
 
     def labels(self, *values: str) -> Child: ...
-
-
-class HistogramFamily(Labelled[Observer], Observer, Protocol):
-    """A histogram, observed into through `labels(...)`, or directly when it has no labels."""
-
-
-class CounterFamily(Labelled[Incrementer], Incrementer, Protocol):
-    """A counter, incremented through `labels(...)`, or directly when it has no labels."""
-
-
-def hot_histogram(
-    name: str,
-    documentation: str,
-    labelnames: Sequence[str],
-    buckets: Sequence[float],
-    registry: CollectorRegistry,
-) -> HistogramFamily:
-    """A histogram the scoring path observes on every request: a lean one in memory
-    (service/lean_metrics.py), or prometheus_client's where samples go to the multiprocess
-    files."""
-    if multiprocess_mode():
-        return Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
-    return LeanHistogram(name, documentation, labelnames, buckets=buckets, registry=registry)
-
-
-def hot_counter(
-    name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
-) -> CounterFamily:
-    """A counter the scoring path increments on every request (see hot_histogram)."""
-    if multiprocess_mode():
-        return Counter(name, documentation, labelnames, registry=registry)
-    return LeanCounter(name, documentation, labelnames, registry=registry)
-
-
-def hot_gauge(
-    name: str,
-    documentation: str,
-    registry: CollectorRegistry,
-    multiprocess: Literal["livesum", "livemax"],
-) -> Level:
-    """A gauge the scoring path moves on every request (see hot_histogram); `multiprocess` says
-    how workers' values combine."""
-    if multiprocess_mode():
-        return Gauge(name, documentation, registry=registry, multiprocess_mode=multiprocess)
-    return LeanGauge(name, documentation, registry=registry)
 
 
 class Children(Generic[Child]):
@@ -233,15 +188,30 @@ def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
     return combined
 
 
-# How a scrape-time gauge combines over workers: rows are summed, rates and PSI take the
-# largest (every worker samples the same traffic, so they agree up to sampling noise).
-SUMMED_GAUGES = frozenset({"adscore_drift_window_rows", "adscore_ad_feature_cache_entries"})
+# How a mirrored gauge combines over workers: rows, requests and cache entries are summed;
+# rates and PSI take the largest (every worker samples the same traffic, so they agree up to
+# sampling noise).
+SUMMED_GAUGES = frozenset(
+    {
+        "adscore_drift_window_rows",
+        "adscore_ad_feature_cache_entries",
+        "adscore_in_flight_requests",
+        "adscore_queued_rows",
+    }
+)
 
 
 class MultiprocessMirror:
-    """Copies this worker's scrape-time collectors (drift, hot-ad cache) into multiprocess
-    counters and gauges, so that /metrics adds them up like every other metric instead of
-    showing whichever worker answers. `sync` runs every few seconds on each worker."""
+    """Copies collectors kept in this worker's memory into Prometheus's multiprocess files, so
+    that /metrics adds them up over the workers like every other metric instead of showing
+    whichever worker answers: counters by what they gained since the last sync, gauges by
+    their value, histograms by what each bucket and the sum gained.
+
+    Two mirrors run on each worker: one for the scrape-time collectors (drift, hot-ad cache)
+    every few seconds, and one for the scoring path's lean metrics every second (and before
+    each scrape), whose writes to the files would otherwise cost the scoring path on every
+    request.
+    """
 
     def __init__(self, collectors: tuple[Collector, ...], registry: CollectorRegistry) -> None:
         self._collectors = collectors
@@ -250,14 +220,39 @@ class MultiprocessMirror:
         self._gauges: dict[str, Gauge] = {}
         self._counted: dict[tuple[str, tuple[str, ...]], float] = {}
         self._shown: dict[str, set[tuple[str, ...]]] = {}
+        self._histograms: dict[tuple[str, tuple[str, ...]], _MirroredHistogram] = {}
 
     def sync(self) -> None:
         for collector in self._collectors:
             for family in collector.collect():
                 if family.type == "counter":
                     self._sync_counter(family)
+                elif family.type == "histogram":
+                    self._sync_histogram(family)
                 else:
                     self._sync_gauge(family)
+
+    def _sync_histogram(self, family: Metric) -> None:
+        buckets: dict[tuple[str, ...], list[tuple[str, float]]] = {}
+        sums: dict[tuple[str, ...], float] = {}
+        names: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k != "le"}
+            values = tuple(labels.values())
+            if sample.name == family.name + "_bucket":
+                buckets.setdefault(values, []).append((sample.labels["le"], sample.value))
+                names[values] = tuple(labels)
+            elif sample.name == family.name + "_sum":
+                sums[values] = sample.value
+        for values, cumulative in buckets.items():
+            key = (family.name, values)
+            mirrored = self._histograms.get(key)
+            if mirrored is None:
+                mirrored = self._histograms[key] = _MirroredHistogram(
+                    family.name, family.documentation, names[values], values,
+                    [le for le, _ in cumulative],
+                )  # fmt: skip
+            mirrored.add([count for _, count in cumulative], sums.get(values, 0.0))
 
     def _sync_counter(self, family: Metric) -> None:
         counter = self._counters.get(family.name)
@@ -300,6 +295,44 @@ class MultiprocessMirror:
         self._shown[family.name] = shown
 
 
+class _MirroredHistogram:
+    """One label set of a histogram in the multiprocess files, laid out as prometheus_client's
+    Histogram lays out its own (a count per bucket under `<name>_bucket` with its `le`, and
+    `<name>_sum`), so that its MultiProcessCollector adds the two up alike."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        labelvalues: tuple[str, ...],
+        les: list[str],
+    ) -> None:
+        def value(sample: str, names: tuple[str, ...], label_values: tuple[str, ...]) -> Any:
+            return values.ValueClass("histogram", name, sample, names, label_values, documentation)
+
+        self._buckets = [
+            value(f"{name}_bucket", (*labelnames, "le"), (*labelvalues, le)) for le in les
+        ]
+        self._sum = value(f"{name}_sum", labelnames, labelvalues)
+        self._counts = [0.0] * len(les)  # per bucket (not cumulative), as of the last sync
+        self._total = 0.0
+
+    def add(self, cumulative: list[float], total: float) -> None:
+        """Write what each bucket and the sum gained since the last call."""
+        below = 0.0
+        for i, running in enumerate(cumulative):
+            count = running - below
+            below = running
+            gained = count - self._counts[i]
+            if gained > 0:
+                self._buckets[i].inc(gained)
+                self._counts[i] = count
+        if total != self._total:
+            self._sum.inc(total - self._total)
+            self._total = total
+
+
 def retire(gauge: Gauge, *labels: str) -> None:
     """Drop a labelled gauge sample. In multiprocess mode a worker's samples live on in its file
     (remove() is not supported there), so the sample is set to 0 instead: queries of these
@@ -319,39 +352,40 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.request_seconds = hot_histogram(
+        # The series the scoring path moves on every request are lean (service/lean_metrics.py):
+        # kept in memory, and with several workers mirrored into the shared files (hot_mirror).
+        self.request_seconds = LeanHistogram(
             "adscore_request_duration_seconds",
             "Time from request received to response sent, by route.",
             ["route"],
-            LATENCY_BUCKETS,
-            registry,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.requests = hot_counter(
+        self.requests = LeanCounter(
             "adscore_requests",
             "HTTP requests by route and status code.",
             ["route", "status"],
-            registry,
+            registry=registry,
         )
-        self.stage_seconds = hot_histogram(
+        self.stage_seconds = LeanHistogram(
             "adscore_stage_duration_seconds",
             "Time spent in each stage of a scoring request.",
             ["stage"],
-            STAGE_BUCKETS,
-            registry,
+            buckets=STAGE_BUCKETS,
+            registry=registry,
         )
-        self.model_seconds = hot_histogram(
+        self.model_seconds = LeanHistogram(
             "adscore_model_request_duration_seconds",
             "Time to score one request (fetch, assembly, inference), by the model that scored it.",
             ["model"],
-            LATENCY_BUCKETS,
-            registry,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.candidates = hot_histogram(
+        self.candidates = LeanHistogram(
             "adscore_candidates_per_request",
             "Ad candidates in one scoring request.",
-            (),
-            CANDIDATE_BUCKETS,
-            registry,
+            buckets=CANDIDATE_BUCKETS,
+            registry=registry,
         )
         self.missing_entities = Counter(
             "adscore_missing_features",
@@ -416,18 +450,18 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
-        self.scored_candidates = hot_counter(
+        self.scored_candidates = LeanCounter(
             "adscore_scored_candidates",
             "Candidates scored, by model, version and role (active, canary, shadow).",
             ["model", "version", "role"],
-            registry,
+            registry=registry,
         )
-        self.predicted_pcvr_sum = hot_counter(
+        self.predicted_pcvr_sum = LeanCounter(
             "adscore_predicted_pcvr_sum",
             "Sum of the probabilities returned; divided by adscore_scored_candidates_total it is "
             "the mean pCVR to compare with the observed conversion rate, by version and role.",
             ["model", "version", "role"],
-            registry,
+            registry=registry,
         )
         self.feature_store_circuit = Gauge(
             "adscore_feature_store_circuit_state",
@@ -435,11 +469,10 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
-        self.in_flight = hot_gauge(
+        self.in_flight = LeanGauge(
             "adscore_in_flight_requests",
             "Scoring requests being handled now (the autoscaling signal).",
-            registry,
-            "livesum",
+            registry=registry,
         )
         self.admission_limit = Gauge(
             "adscore_admission_limit",
@@ -461,32 +494,28 @@ class Metrics:
             buckets=(0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=registry,
         )
-        self.batch_rows = hot_histogram(
+        self.batch_rows = LeanHistogram(
             "adscore_batch_rows",
             "Candidate rows in one model call (micro-batches merge concurrent requests).",
-            (),
-            CANDIDATE_BUCKETS,
-            registry,
+            buckets=CANDIDATE_BUCKETS,
+            registry=registry,
         )
-        self.batch_requests = hot_histogram(
+        self.batch_requests = LeanHistogram(
             "adscore_batch_requests",
             "Requests merged into one model call.",
-            (),
-            (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
-            registry,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
         )
-        self.batch_queue_seconds = hot_histogram(
+        self.batch_queue_seconds = LeanHistogram(
             "adscore_batch_queue_seconds",
             "Time a request waited for an inference thread (and for its batch to fill).",
-            (),
-            STAGE_BUCKETS,
-            registry,
+            buckets=STAGE_BUCKETS,
+            registry=registry,
         )
-        self.queued_rows = hot_gauge(
+        self.queued_rows = LeanGauge(
             "adscore_queued_rows",
             "Candidate rows waiting for an inference thread.",
-            registry,
-            "livesum",
+            registry=registry,
         )
         self.shadow_difference = Histogram(
             "adscore_shadow_abs_difference",
@@ -530,6 +559,14 @@ class Metrics:
             MultiprocessMirror((self.drift, self.ad_cache), CollectorRegistry())
             if multiprocess_mode()
             else None
+        )
+        hot = (
+            self.request_seconds, self.requests, self.stage_seconds, self.model_seconds,
+            self.candidates, self.scored_candidates, self.predicted_pcvr_sum, self.in_flight,
+            self.batch_rows, self.batch_requests, self.batch_queue_seconds, self.queued_rows,
+        )  # fmt: skip
+        self.hot_mirror = (
+            MultiprocessMirror(hot, CollectorRegistry()) if multiprocess_mode() else None
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage)

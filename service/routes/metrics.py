@@ -12,5 +12,7 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     # Served from create_app on, so start-up (model load time) is observable too.
-    registry = request.app.state.metrics.exposition
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.metrics
+    if metrics.hot_mirror is not None:  # several workers: this one's counts are up to date
+        metrics.hot_mirror.sync()
+    return Response(generate_latest(metrics.exposition), media_type=CONTENT_TYPE_LATEST)

@@ -66,6 +66,19 @@ def scored_by(metrics_dir: Path, pid: int) -> float:
     )
 
 
+def scrape_once_mirrored(server: ServerProcess, scored: int) -> str:
+    """/metrics once every worker has mirrored its `scored` answers into the shared files
+    (each does so every second, so a scrape may see another's a moment late)."""
+    deadline = time.monotonic() + 20
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        total = metric_value(text, "adscore_requests_total", route="/v1/score", status="200")
+        if total == scored:
+            return text
+        assert time.monotonic() < deadline, f"{total} of {scored} answers counted"
+        time.sleep(0.2)
+
+
 def test_two_workers_share_the_port_and_metrics_add_up(
     setup: Setup, supervised: ServerProcess, tmp_path: Path
 ) -> None:
@@ -73,9 +86,9 @@ def test_two_workers_share_the_port_and_metrics_add_up(
     assert len(workers) == 2
     score_on_fresh_connections(setup, supervised, REQUESTS)
 
+    text = scrape_once_mirrored(supervised, REQUESTS)
     per_worker = [scored_by(tmp_path / "metrics", pid) for pid in workers]
     assert all(count > 0 for count in per_worker), f"one worker got every request: {per_worker}"
-    text = httpx.get(f"{supervised.url}/metrics", timeout=10).text
     total = metric_value(text, "adscore_requests_total", route="/v1/score", status="200")
     assert total == sum(per_worker) == REQUESTS
     candidates = metric_value(text, "adscore_candidates_per_request_sum")
@@ -110,6 +123,7 @@ def test_a_killed_worker_is_replaced_and_its_counts_are_kept(
     setup: Setup, supervised: ServerProcess
 ) -> None:
     score_on_fresh_connections(setup, supervised, 10)
+    scrape_once_mirrored(supervised, 10)  # counts not yet mirrored die with their worker
     victim, survivor = workers_of(supervised)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
@@ -121,9 +135,7 @@ def test_a_killed_worker_is_replaced_and_its_counts_are_kept(
         time.sleep(0.1)
     assert survivor in workers
     score_on_fresh_connections(setup, supervised, 10)
-    text = httpx.get(f"{supervised.url}/metrics", timeout=10).text
-    total = metric_value(text, "adscore_requests_total", route="/v1/score", status="200")
-    assert total == 20
+    text = scrape_once_mirrored(supervised, 20)
     while metric_value(text, "adscore_process_starts_total") != 3:  # two workers, one restart
         assert time.monotonic() < deadline, "the replacement never finished starting"
         time.sleep(0.1)
@@ -138,6 +150,23 @@ def test_sigterm_stops_every_worker_and_exits_cleanly(supervised: ServerProcess)
     assert supervised.process.wait(timeout=60) == 0
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_workers_stopping_normally_write_every_count_first(setup: Setup, tmp_path: Path) -> None:
+    server = ServerProcess(
+        tmp_path / "workers.log", **setup.settings(), workers=2, shutdown_delay_seconds=0
+    )
+    server.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    server.start()
+    try:
+        workers = workers_of(server)
+        score_on_fresh_connections(setup, server, REQUESTS)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)  # at once: the last second is not mirrored yet
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        server.stop()
+    assert sum(scored_by(tmp_path / "metrics", pid) for pid in workers) == REQUESTS
 
 
 def test_workers_stop_when_their_supervisor_is_killed(supervised: ServerProcess) -> None:

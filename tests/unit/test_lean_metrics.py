@@ -4,13 +4,22 @@ observations, exact counts under concurrent threads, and clear errors."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.lean_metrics import LeanCounter, LeanGauge, LeanHistogram
-from service.metrics import LATENCY_BUCKETS, Metrics
+from service.lean_metrics import (
+    Incrementer,
+    LeanCounter,
+    LeanGauge,
+    LeanHistogram,
+    Level,
+    Observer,
+)
+from service.metrics import LATENCY_BUCKETS, Labelled, Metrics, MultiprocessMirror
 
 # Below, on and between the bounds, past the last one, zero, and a negative amount.
 AMOUNTS = (0.0, 0.0005, 0.0004, 0.001, 0.0011, 0.0075, 0.02, 0.5, 2.5, 2.6, 60.0, -1.0)
@@ -134,16 +143,100 @@ def test_the_scoring_paths_metrics_are_lean_in_one_process() -> None:
     assert isinstance(metrics.candidates, LeanHistogram)
     assert isinstance(metrics.batch_queue_seconds, LeanHistogram)
     assert isinstance(metrics.in_flight, LeanGauge)
+    assert metrics.hot_mirror is None  # nothing to mirror into
 
 
-def test_the_scoring_paths_metrics_reach_the_multiprocess_files_with_workers(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.fixture
+def multiprocess_files(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+    """Point prometheus_client at a multiprocess directory, as a worker started with
+    PROMETHEUS_MULTIPROC_DIR would be (it reads that variable once, at import)."""
+
+    def use(directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())  # type: ignore[no-untyped-call]
+
+    return use
+
+
+def merged(directory: Path) -> list[str]:
+    """What /metrics serves from a multiprocess directory: every file's samples added up."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return sorted(generate_latest(registry).decode().splitlines())
+
+
+def _update(
+    round_: int,
+    seconds: Labelled[Observer],
+    rows: Observer,
+    requests: Labelled[Incrementer],
+    now: Level,
 ) -> None:
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    """One round's updates: new label sets appear, buckets gain, and the gauge moves."""
+    for stage in ("fetch", "inference")[: round_ + 1]:
+        for amount in AMOUNTS[round_::2]:
+            seconds.labels(stage).observe(amount)
+    for count in (1, 9, 100)[round_:]:
+        rows.observe(count)
+    for status in ("200", "503")[: round_ + 1]:
+        requests.labels(status).inc(round_ + 1)
+    now.set(4 - round_)
+
+
+def test_mirrored_lean_metrics_add_up_like_prometheus_clients_own(
+    multiprocess_files: Callable[[Path], None], tmp_path: Path
+) -> None:
+    # The same updates, by lean metrics mirrored into one directory and by prometheus_client's
+    # types into another, over three rounds: the merged files must read the same each time.
+    multiprocess_files(tmp_path / "ours")
+    lean = CollectorRegistry()
+    ours = (
+        LeanHistogram("t_seconds", "Time.", ["stage"], buckets=LATENCY_BUCKETS, registry=lean),
+        LeanHistogram("rows", "Rows.", buckets=(1, 8, 64), registry=lean),
+        LeanCounter("requests", "Requests.", ["status"], registry=lean),
+        LeanGauge("adscore_in_flight_requests", "Now.", registry=lean),
+    )
+    mirror = MultiprocessMirror(ours, CollectorRegistry())
+    expected = []
+    for round_ in range(3):
+        _update(round_, *ours)
+        mirror.sync()
+        mirror.sync()  # nothing new: nothing written twice
+        expected.append(merged(tmp_path / "ours"))
+    assert 't_seconds_count{stage="fetch"} 17.0' in expected[-1]  # 6 + 6 + 5 amounts
+
+    multiprocess_files(tmp_path / "theirs")
+    reference = CollectorRegistry()
+    theirs = (
+        Histogram("t_seconds", "Time.", ["stage"], buckets=LATENCY_BUCKETS, registry=reference),
+        Histogram("rows", "Rows.", buckets=(1, 8, 64), registry=reference),
+        Counter("requests", "Requests.", ["status"], registry=reference),
+        Gauge(
+            "adscore_in_flight_requests", "Now.", registry=reference, multiprocess_mode="livesum"
+        ),
+    )
+    for round_ in range(3):
+        _update(round_, *theirs)
+        assert merged(tmp_path / "theirs") == expected[round_]
+
+
+def test_the_scoring_paths_metrics_are_mirrored_with_workers(
+    multiprocess_files: Callable[[Path], None], tmp_path: Path
+) -> None:
+    multiprocess_files(tmp_path)
     metrics = Metrics(CollectorRegistry())
-    assert isinstance(metrics.request_seconds, Histogram)
-    assert isinstance(metrics.requests, Counter)
-    assert isinstance(metrics.in_flight, Gauge)
+    assert isinstance(metrics.request_seconds, LeanHistogram)  # no file write per request
+    assert metrics.hot_mirror is not None
+    metrics.request_seconds_of("/v1/score").observe(0.004)
+    metrics.requests_of("/v1/score", "200").inc()
+    metrics.in_flight.inc()
+    assert not any("adscore_requests_total" in line for line in merged(tmp_path))
+    metrics.hot_mirror.sync()
+    lines = merged(tmp_path)
+    assert 'adscore_requests_total{route="/v1/score",status="200"} 1.0' in lines
+    assert 'adscore_request_duration_seconds_count{route="/v1/score"} 1.0' in lines
+    assert "adscore_in_flight_requests 1.0" in lines
 
 
 def test_a_gauge_exports_what_prometheus_clients_exports() -> None:
