@@ -11,7 +11,8 @@ without the ADSCORE_ prefix); `code=REF` serves that variant from git revision R
 this checkout, to measure a code change (benchmarks/checkouts.py). One private redis-server
 with the harness's population; for each round, each variant gets a fresh `adscore serve`, a
 2 s warm-up, then `--seconds` of Poisson arrivals at `--rate` or, with `--connections`, of a
-closed loop (wrk: maximum throughput).
+closed loop (wrk: maximum throughput). The variants take turns in the opposite order every other
+round (A B, B A, A B...): the first of a round tended to do better, whichever it was.
 Prints and writes (to --out) the medians over rounds: requests/s, p50, p99, server and
 redis-server CPU per request, refusals, the hot-ad cache's hit rate when it is on, and each
 variant's requests/s over the first's (median of per-round ratios, so that the machine's drift
@@ -27,7 +28,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -36,6 +37,8 @@ from benchmarks import population, servers, service_counters
 from benchmarks.checkouts import CheckoutError, checked_out
 from benchmarks.measure import closed_loop_point, open_loop_point
 from feature_client.redis_server import LocalRedisServer
+
+T = TypeVar("T")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         assert redis.process is not None
         redis_pid = redis.process.pid
         for index in range(args.rounds):
-            for label, settings in args.variant:
+            for label, settings in round_order(args.variant, index):
                 log = Path(tmp) / "adscore.log"
                 served = {"model_name": args.model} | settings
                 served.pop("code", None)
@@ -125,6 +128,12 @@ def _refusals(row: dict[str, Any]) -> str:
         f", {row['rejected']} refused (p99 {sent:.1f} ms from the send to the read, "
         f"{server:.1f} ms to the arrival)"
     )
+
+
+def round_order(variants: list[T], index: int) -> list[T]:
+    """The variants in the order round `index` (from 0) runs them: reversed every other round,
+    so that no variant always runs first."""
+    return list(variants) if index % 2 == 0 else list(reversed(variants))
 
 
 def rotated(calls: list[population.ScoreCall], start: int) -> list[population.ScoreCall]:

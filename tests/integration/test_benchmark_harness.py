@@ -594,6 +594,13 @@ def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
         assert [r["requests_per_second"] for r in rows] == [median_row["requests_per_second"]]
 
 
+def test_settings_ab_alternates_which_variant_runs_first() -> None:
+    variants = ["a", "b", "c"]
+    orders = [settings_ab.round_order(variants, index) for index in range(4)]
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"], ["c", "b", "a"]]
+    assert variants == ["a", "b", "c"]  # the caller's list is left alone
+
+
 def test_settings_ab_rounds_show_how_fast_refusals_arrived() -> None:
     row = {"rejected": 12, "rejected_p99_from_send_ms": 6.25, "rejected_p99_server_ms": 4.5}
     assert settings_ab._refusals(row) == (
