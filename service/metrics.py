@@ -238,21 +238,21 @@ class MultiprocessMirror:
         names: dict[tuple[str, ...], tuple[str, ...]] = {}
         for sample in family.samples:
             labels = {k: v for k, v in sample.labels.items() if k != "le"}
-            values = tuple(labels.values())
+            label_values = tuple(labels.values())
             if sample.name == family.name + "_bucket":
-                buckets.setdefault(values, []).append((sample.labels["le"], sample.value))
-                names[values] = tuple(labels)
+                buckets.setdefault(label_values, []).append((sample.labels["le"], sample.value))
+                names[label_values] = tuple(labels)
             elif sample.name == family.name + "_sum":
-                sums[values] = sample.value
-        for values, cumulative in buckets.items():
-            key = (family.name, values)
+                sums[label_values] = sample.value
+        for label_values, cumulative in buckets.items():
+            key = (family.name, label_values)
             mirrored = self._histograms.get(key)
-            if mirrored is None:
+            if mirrored is None:  # its buckets enter the files now, at 0 where nothing fell
                 mirrored = self._histograms[key] = _MirroredHistogram(
-                    family.name, family.documentation, names[values], values,
+                    family.name, family.documentation, names[label_values], label_values,
                     [le for le, _ in cumulative],
                 )  # fmt: skip
-            mirrored.add([count for _, count in cumulative], sums.get(values, 0.0))
+            mirrored.add([count for _, count in cumulative], sums.get(label_values, 0.0))
 
     def _sync_counter(self, family: Metric) -> None:
         counter = self._counters.get(family.name)

@@ -237,6 +237,8 @@ def test_the_scoring_paths_metrics_are_mirrored_with_workers(
     assert 'adscore_requests_total{route="/v1/score",status="200"} 1.0' in lines
     assert 'adscore_request_duration_seconds_count{route="/v1/score"} 1.0' in lines
     assert "adscore_in_flight_requests 1.0" in lines
+    # Series created ahead of their first observation are there too, at 0, as before.
+    assert 'adscore_stage_duration_seconds_count{stage="response"} 0.0' in lines
 
 
 def test_a_gauge_exports_what_prometheus_clients_exports() -> None:
