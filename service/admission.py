@@ -56,7 +56,8 @@ class AdmissionControl:
     """Counts scoring requests in flight on the event loop (single-threaded, so no lock).
 
     `overload_limit` is the bound under sustained overload; equal to `limit` (the default), the
-    bound is fixed. `interval_s` defaults to INTERVAL_S.
+    bound is fixed. `interval_s` defaults to INTERVAL_S. `on_overload` hears True when the bound
+    drops to `overload_limit` and False when it comes back.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class AdmissionControl:
         overload_limit: int | None = None,
         interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_overload: Callable[[bool], None] | None = None,
     ) -> None:
         overload_limit = limit if overload_limit is None else overload_limit
         if not 1 <= overload_limit <= limit:
@@ -84,6 +86,7 @@ class AdmissionControl:
         self._shed_in_overload = shed.labels("sustained_overload")
         self._interval_s = INTERVAL_S if interval_s is None else interval_s
         self._clock = clock
+        self._on_overload = on_overload
         self._interval_started = self._last_arrival = clock()
         self._arrivals = 0  # in the current interval
         self._refused = 0
@@ -167,6 +170,8 @@ class AdmissionControl:
             self._limit_gauge.set(limit)
             self._full = _Throughput()
             self._lowered = _Throughput()
+            if self._on_overload is not None:
+                self._on_overload(limit < self.limit)
 
     def _refusal(self) -> Overloaded:
         if self.current_limit < self.limit:

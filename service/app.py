@@ -158,6 +158,18 @@ async def mirror_metrics(mirror: MultiprocessMirror, every_seconds: float, what:
         await asyncio.sleep(every_seconds)
 
 
+def on_overload(pipeline: ScoringPipeline, settings: Settings, overloaded: bool) -> None:
+    """Under sustained overload, fewer inference threads (overload_inference_threads)."""
+    threads = settings.overload_inference_threads if overloaded else settings.inference_threads
+    pipeline.batcher.use_threads(threads)
+    logger.info(
+        "%s: %d of %d inference threads take batches",
+        "sustained overload" if overloaded else "overload passed",
+        pipeline.batcher.active_threads,
+        settings.inference_threads,
+    )
+
+
 def _without_opentelemetry() -> dict[str, Any]:
     """FastAPI >= 0.160 checks OpenTelemetry's global providers on every request (an environment
     lookup each time); adscore exports Prometheus metrics of its own, so that is switched off."""
@@ -202,6 +214,7 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
                 metrics.shed,
                 metrics.admission_limit,
                 overload_limit=settings.overload_in_flight,
+                on_overload=lambda overloaded: on_overload(pipeline, settings, overloaded),
             )
             app.state.service = ServiceState(
                 settings, metrics, manager, feature_store, pipeline, keys, admission

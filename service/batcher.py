@@ -18,6 +18,10 @@ and hand it one. Under load at 256 candidates the loop-driven hand-off kept requ
 ~10 ms while the inference threads were idle most of the time. The event loop only enqueues
 (and sheds) requests and receives each batch's results, one callback per batch.
 
+Under sustained overload the service may let fewer threads take batches (`use_threads`): the
+others wait, idle, so that the event loop, which reads and refuses the excess, is not kept off
+the cores by inference that cannot raise the throughput any more.
+
 A request may bring its calibration (`predict_calibrated`): the thread then applies it once to
 the whole batch, where a few numpy calls cost the same for 8 rows as for 256, instead of the
 event loop applying it once per request.
@@ -169,6 +173,15 @@ class MicroBatcher:
     def threads(self) -> list[threading.Thread]:
         return self._queue.threads
 
+    @property
+    def active_threads(self) -> int:
+        return self._queue.active
+
+    def use_threads(self, count: int) -> None:
+        """Let only the first `count` inference threads (at least one, at most all) take
+        batches; the others wait, idle, until the count rises again."""
+        self._queue.set_active(count)
+
     async def predict(
         self, runtime: ModelRuntime, inputs: ModelInputs, deadline: float | None = None
     ) -> Logits:
@@ -209,9 +222,10 @@ class _BatchQueue:
         self._queue: deque[_Waiting] = deque()
         self._queued_rows = 0
         self._closed = False
-        self._changed = threading.Condition()  # guards the queue, its row count and _closed
+        self._changed = threading.Condition()  # guards the queue, its row count, _closed, active
+        self.active = threads  # threads 0..active-1 take batches
         self.threads = [
-            threading.Thread(target=self._serve, name=f"inference_{i}", daemon=True)
+            threading.Thread(target=self._serve, args=(i,), name=f"inference_{i}", daemon=True)
             for i in range(threads)
         ]
         for thread in self.threads:
@@ -248,7 +262,10 @@ class _BatchQueue:
                 )
             self._queue.append(waiting)
             self._count_queued(rows)
-            self._changed.notify()
+            if self.active == len(self.threads):
+                self._changed.notify()
+            else:  # the one woken must not be a paused thread, which would wait on
+                self._changed.notify_all()
         try:
             return await waiting.future
         except asyncio.CancelledError:
@@ -257,6 +274,11 @@ class _BatchQueue:
                     self._queue.remove(waiting)
                     self._count_queued(-rows)
             raise
+
+    def set_active(self, count: int) -> None:
+        with self._changed:
+            self.active = max(1, min(count, len(self.threads)))
+            self._changed.notify_all()
 
     def close(self) -> None:
         with self._changed:
@@ -273,11 +295,11 @@ class _BatchQueue:
         self._queued_rows += rows
         self._metrics.queued_rows.set(self._queued_rows)
 
-    def _serve(self) -> None:
+    def _serve(self, index: int) -> None:
         """An inference thread: take the next batch, run it, hand the results to the loop."""
         while True:
             with self._changed:
-                batch = self._next_batch()
+                batch = self._next_batch(index)
             if batch is None:
                 return
             self._run(batch)
@@ -299,10 +321,11 @@ class _BatchQueue:
         else:
             _settle_soon(batch, logits, None, probabilities)
 
-    def _next_batch(self) -> list[_Waiting] | None:
-        """Under the lock: wait until a batch is due and take it; None once closed."""
+    def _next_batch(self, index: int) -> list[_Waiting] | None:
+        """Under the lock: wait until a batch is due and this thread may take it; None once
+        closed."""
         while not self._closed:
-            if not self._queue:
+            if not self._queue or index >= self.active:
                 self._changed.wait()
                 continue
             head = self._queue[0]

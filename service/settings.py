@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     refusals and the accepted requests' tail stay short while bursts still get every slot; 1
     keeps the bound fixed (service/admission.py says when it returns)."""
 
+    overload_inference_threads: int = Field(1, ge=1, le=64)
+    """Inference threads that take batches while the bound is lowered under sustained overload
+    (at most inference_threads; a larger value keeps them all). On CPU the throughput is at its
+    maximum then, and each further thread keeps the event loop, which reads and refuses the
+    excess, off the cores."""
+
     @property
     def overload_in_flight(self) -> int:
         """The bound on requests in flight under sustained overload (equal to max_in_flight when

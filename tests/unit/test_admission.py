@@ -35,6 +35,7 @@ class Simulation:
     def __init__(self, limit: int = 8, overload_limit: int = 4) -> None:
         self.metrics = Metrics(CollectorRegistry())
         self.clock = FakeClock()
+        self.overloaded: list[bool] = []  # what on_overload heard, in order
         self.control = AdmissionControl(
             limit,
             self.metrics.in_flight,
@@ -43,6 +44,7 @@ class Simulation:
             overload_limit=overload_limit,
             interval_s=1.0,
             clock=self.clock,
+            on_overload=self.overloaded.append,
         )
 
     def interval(self, quick: int, refused: int) -> None:
@@ -103,6 +105,7 @@ def test_two_overloaded_intervals_in_a_row_lower_the_bound_until_one_is_not() ->
     with ExitStack() as held:
         _hold(held, sim.control, 4)  # the first arrival closes the second: the bound halves
         assert sim.control.current_limit == 4
+        assert sim.overloaded == [True]
         assert _value(sim.metrics, "adscore_admission_limit") == 4
         with pytest.raises(
             Overloaded, match="under sustained overload: the limit is 4 until it passes"
@@ -114,6 +117,7 @@ def test_two_overloaded_intervals_in_a_row_lower_the_bound_until_one_is_not() ->
     sim.interval(quick=100, refused=0)  # demand drops: nothing refused in this interval
     assert sim.limit_after_next_arrival() == 8
     assert _value(sim.metrics, "adscore_admission_limit") == 8
+    assert sim.overloaded == [True, False]
 
 
 def test_the_lowered_bound_stays_while_the_overload_lasts_and_throughput_holds() -> None:

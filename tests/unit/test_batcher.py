@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -13,9 +16,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from feature_client.assembly import ModelInputs
+from service.app import on_overload
 from service.batcher import BatchingPolicy, MicroBatcher
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.metrics import Metrics
+from service.scoring import ScoringPipeline
+from service.settings import Settings
 
 
 class FakeRuntime:
@@ -374,6 +380,62 @@ def test_a_free_thread_starts_the_next_batch_while_the_event_loop_is_busy(
 
     asyncio.run(scenario())
     assert runtime.calls == [1, 3]
+
+
+class NamingRuntime(FakeRuntime):
+    """Records which inference thread ran each call, each call taking a little while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def predict(self, inputs: ModelInputs) -> npt.NDArray[np.float32]:
+        self.threads.append(threading.current_thread().name)
+        threading.Event().wait(0.005)  # long enough for the other thread to be free to take one
+        return super().predict(inputs)
+
+
+def test_fewer_threads_take_batches_until_the_count_rises_again(metrics: Metrics) -> None:
+    runtime = NamingRuntime()
+
+    async def calls(engine: MicroBatcher, count: int) -> None:
+        # One request at a time with batching off: every call goes to a free thread.
+        await asyncio.gather(*(engine.predict(runtime, rows(i, 1)) for i in range(count)))
+
+    async def scenario() -> None:
+        engine = batcher(metrics, threads=2, max_batch_rows=1)
+        engine.use_threads(1)
+        assert engine.active_threads == 1
+        await calls(engine, 20)
+        assert set(runtime.threads) == {"inference_0"}  # the other waited, idle
+        runtime.threads.clear()
+        engine.use_threads(5)  # at most every thread
+        assert engine.active_threads == 2
+        await calls(engine, 20)
+        assert set(runtime.threads) == {"inference_0", "inference_1"}
+        engine.use_threads(0)  # at least one
+        assert engine.active_threads == 1
+        await calls(engine, 4)  # and it still serves
+        engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_sustained_overload_leaves_overload_inference_threads_taking_batches(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = batcher(metrics, threads=2)
+    pipeline = cast(ScoringPipeline, SimpleNamespace(batcher=engine))
+    settings = Settings(inference_threads=2, overload_inference_threads=1)
+    with caplog.at_level(logging.INFO, logger="adscore"):
+        on_overload(pipeline, settings, True)
+        assert engine.active_threads == 1
+        on_overload(pipeline, settings, False)
+        assert engine.active_threads == 2
+    assert "sustained overload: 1 of 2 inference threads take batches" in caplog.text
+    on_overload(pipeline, settings.model_copy(update={"overload_inference_threads": 64}), True)
+    assert engine.active_threads == 2  # the GPU overlay's setting keeps them all
+    engine.close()
 
 
 def test_closing_refuses_the_queued_requests_and_stops_the_threads(
