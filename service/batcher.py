@@ -262,10 +262,9 @@ class _BatchQueue:
                 )
             self._queue.append(waiting)
             self._count_queued(rows)
-            if self.active == len(self.threads):
-                self._changed.notify()
-            else:  # the one woken must not be a paused thread, which would wait on
-                self._changed.notify_all()
+            # Enough threads that one allowed to take batches is among them (one, unless some
+            # are paused: those go back to waiting).
+            self._changed.notify(len(self.threads) - self.active + 1)
         try:
             return await waiting.future
         except asyncio.CancelledError:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
@@ -166,6 +168,17 @@ def merged(directory: Path) -> list[str]:
     return sorted(generate_latest(registry).decode().splitlines())
 
 
+def _families(histogram: Any, counter: Any, gauge: Any) -> tuple[Any, Any, Any, Any]:
+    """The metrics `_update` moves, built by prometheus_client's types or the lean ones."""
+    registry = CollectorRegistry()
+    return (
+        histogram("t_seconds", "Time.", ["stage"], buckets=LATENCY_BUCKETS, registry=registry),
+        histogram("rows", "Rows.", buckets=(1, 8, 64), registry=registry),
+        counter("requests", "Requests.", ["status"], registry=registry),
+        gauge("adscore_in_flight_requests", "Now.", registry=registry),
+    )
+
+
 def _update(
     round_: int,
     seconds: Labelled[Observer],
@@ -190,13 +203,7 @@ def test_mirrored_lean_metrics_add_up_like_prometheus_clients_own(
     # The same updates, by lean metrics mirrored into one directory and by prometheus_client's
     # types into another, over three rounds: the merged files must read the same each time.
     multiprocess_files(tmp_path / "ours")
-    lean = CollectorRegistry()
-    ours = (
-        LeanHistogram("t_seconds", "Time.", ["stage"], buckets=LATENCY_BUCKETS, registry=lean),
-        LeanHistogram("rows", "Rows.", buckets=(1, 8, 64), registry=lean),
-        LeanCounter("requests", "Requests.", ["status"], registry=lean),
-        LeanGauge("adscore_in_flight_requests", "Now.", registry=lean),
-    )
+    ours = _families(LeanHistogram, LeanCounter, LeanGauge)
     mirror = MultiprocessMirror(ours, CollectorRegistry())
     expected = []
     for round_ in range(3):
@@ -207,15 +214,7 @@ def test_mirrored_lean_metrics_add_up_like_prometheus_clients_own(
     assert 't_seconds_count{stage="fetch"} 17.0' in expected[-1]  # 6 + 6 + 5 amounts
 
     multiprocess_files(tmp_path / "theirs")
-    reference = CollectorRegistry()
-    theirs = (
-        Histogram("t_seconds", "Time.", ["stage"], buckets=LATENCY_BUCKETS, registry=reference),
-        Histogram("rows", "Rows.", buckets=(1, 8, 64), registry=reference),
-        Counter("requests", "Requests.", ["status"], registry=reference),
-        Gauge(
-            "adscore_in_flight_requests", "Now.", registry=reference, multiprocess_mode="livesum"
-        ),
-    )
+    theirs = _families(Histogram, Counter, partial(Gauge, multiprocess_mode="livesum"))
     for round_ in range(3):
         _update(round_, *theirs)
         assert merged(tmp_path / "theirs") == expected[round_]
