@@ -56,7 +56,9 @@ async def floor_app(scope: Scope, receive: Receive, send: Send) -> None:
             "degraded": False,
         }
     )
-    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    # A Content-Length, as adscore sends: without one uvicorn would chunk the body.
+    headers = [*HEADERS, (b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": answer})
 
 

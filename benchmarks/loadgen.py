@@ -15,7 +15,7 @@ at the socket is the server's own response time, whatever the generator was doin
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import atexit
 import socket
 import struct
 import time
@@ -34,6 +34,51 @@ SO_TIMESTAMPNS = 35
 """Linux's option for receive timestamps in nanoseconds (the socket module does not name it)."""
 _TIMESTAMP_SPACE = socket.CMSG_SPACE(16)  # one struct timespec
 _RECEIVE_BYTES = 1 << 16
+
+
+def _arrival_ns(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The receive timestamp among a read's ancillary data, in ns of the real-time clock."""
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", value[:16])
+            return int(seconds) * 1_000_000_000 + int(nanoseconds)
+    return None
+
+
+_stamping_holder: list[socket.socket] = []
+
+
+def hold_receive_timestamps(timeout_seconds: float = 2.0) -> bool:
+    """Make the kernel stamp arriving TCP bytes from now on, for the rest of this process;
+    False where it does not (not Linux, or no stamp within the timeout).
+
+    Linux turns receive stamping on for the whole machine in deferred work after a socket first
+    asks for it, and off again once no socket holds the option: bytes that arrive in between
+    carry no stamp, and their replies no arrival time. So one loopback connection holds the
+    option for the process's life, and a byte goes round it until one arrives stamped.
+    """
+    if _stamping_holder:
+        return True
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        receiver = socket.create_connection(listener.getsockname())
+        sender, _ = listener.accept()
+    try:
+        receiver.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            sender.sendall(b"?")
+            _, ancillary, _, _ = receiver.recvmsg(1, _TIMESTAMP_SPACE)
+            if _arrival_ns(ancillary) is not None:
+                sender.close()
+                _stamping_holder.append(receiver)
+                atexit.register(receiver.close)
+                return True
+            time.sleep(0.001)
+    except OSError:
+        pass
+    sender.close()
+    receiver.close()
+    return False
 
 
 @dataclass
@@ -136,7 +181,7 @@ class Connection:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with contextlib.suppress(OSError):  # not Linux: no arrival times, only reads
+            if hold_receive_timestamps():  # else not Linux: no arrival times, only reads
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             await loop.sock_connect(sock, (host, port))
         except BaseException:
@@ -173,7 +218,7 @@ class Connection:
         head = bytes(buffer[: end + 4]).lower()
         start = head.find(b"content-length:")
         if start < 0:
-            raise ConnectionError("response without Content-Length")
+            raise ConnectionError("response without Content-Length (chunked bodies are not read)")
         length = int(head[start + 15 : head.index(b"\r\n", start)])
         if len(buffer) < end + 4 + length:
             return None
@@ -192,11 +237,7 @@ class Connection:
             self._fail(ConnectionError("the server closed the connection"))
             return
         self._buffer += data
-        self._arrived_ns = None
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
-                seconds, nanoseconds = struct.unpack("qq", value[:16])
-                self._arrived_ns = seconds * 1_000_000_000 + nanoseconds
+        self._arrived_ns = _arrival_ns(ancillary)
         self._wake()
 
     def _fail(self, failure: BaseException) -> None:

@@ -419,6 +419,8 @@ def test_http_floor_answers_in_adscores_shape_from_as_many_processes(
         for call in calls:
             response = httpx.post(f"http://127.0.0.1:{floor.port}/v1/score", content=call.body)
             assert response.status_code == 200
+            # sized, as adscore's answers are: the Python generator reads no chunked body
+            assert response.headers["content-length"] == str(len(response.content))
             body = response.json()
             assert set(body) == expected_keys
             assert len(body["scores"]) == len(call.ad_ids)
@@ -524,6 +526,21 @@ def test_a_reply_is_timed_by_its_arrival_not_by_when_the_busy_generator_reads_it
     assert reply.status == 503
     assert elapsed >= 0.3  # read after the busy stretch...
     assert reply.server_seconds is not None and reply.server_seconds < 0.2  # ...arrived before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="receive timestamps are Linux's")
+def test_once_held_the_kernel_stamps_the_first_bytes_of_every_new_connection() -> None:
+    assert loadgen.hold_receive_timestamps()
+    assert loadgen.hold_receive_timestamps()  # held already: at once
+    for _ in range(20):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            receiver = socket.create_connection(listener.getsockname())
+            sender, _ = listener.accept()
+        with receiver, sender:
+            receiver.setsockopt(socket.SOL_SOCKET, loadgen.SO_TIMESTAMPNS, 1)
+            sender.sendall(b"reply")
+            _, ancillary, _, _ = receiver.recvmsg(16, socket.CMSG_SPACE(16))
+        assert any(kind == loadgen.SO_TIMESTAMPNS for _, kind, _ in ancillary)
 
 
 def test_a_connection_the_server_closes_fails_the_request_waiting_on_it() -> None:
