@@ -34,10 +34,11 @@ from benchmarks import (
     servers,
     service_counters,
     settings_ab,
+    wrk,
 )
 from benchmarks.__main__ import median_index
 from benchmarks.http_floor import efficiency_ceiling
-from benchmarks.measure import open_loop_point
+from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.naive_service import build_app
 from benchmarks.report import headline, serving_efficiency, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
@@ -425,6 +426,21 @@ def test_http_floor_answers_in_adscores_shape_from_as_many_processes(
             assert set(body) == expected_keys
             assert len(body["scores"]) == len(call.ad_ids)
     assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()]  # all stopped
+
+
+@pytest.mark.parametrize("generator", ["python", "wrk"])
+def test_a_closed_loop_point_reads_every_answer_with_either_generator(
+    generator: str, world: SyntheticWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if generator == "wrk" and not wrk.available():
+        pytest.skip("wrk is not installed")
+    monkeypatch.setattr(wrk, "available", lambda: generator == "wrk")
+    calls = population.request_mix(world, 6, candidates=16)
+    with servers.http_floor(tmp_path / "floor.log") as floor:
+        point = closed_loop_point(floor, calls, tmp_path, connections=4, seconds=0.5)
+    assert point["generator"] == generator
+    assert point["requests"] > 10 and point["errors"] == 0
+    assert point["candidates_per_second"] == pytest.approx(point["requests_per_second"] * 16)
 
 
 def _locust(server_url: str, folder: Path) -> list[dict[str, str]]:
