@@ -25,6 +25,7 @@ import pytest
 from benchmarks import (
     batching,
     checkouts,
+    drift_cost,
     explain,
     inprocess,
     loadgen,
@@ -43,6 +44,7 @@ from benchmarks.naive_service import build_app
 from benchmarks.report import headline, serving_efficiency, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
 from service.app import create_app
+from service.registry import load_version
 from service.repository import ModelRepository
 from service.schemas import RequestLimits, parse_score_request
 from service.scoring import ScoreResult
@@ -682,6 +684,17 @@ def test_explain_benchmark_times_plain_and_explained_requests() -> None:
     features = len(DEMO.read_metadata("pcvr", 1).spec().features)
     assert cells[1] == str(4 * (1 + features))  # rows scored when explained
     assert all(cell.endswith(" ms") for cell in cells[2:6])
+
+
+def test_drift_cost_benchmark_times_the_worker_on_every_sample() -> None:
+    settings = Settings(model_repository=DEMO.root, inference_threads=1)
+    model = load_version(DEMO, "pcvr", DEMO.active_version("pcvr"), settings)
+    inputs = drift_cost.sample_inputs(model, 8, np.random.default_rng(0))
+    assert inputs.dense.shape == (8, len(model.spec.dense()))
+    assert inputs.ids.shape == (8, len(model.spec.categorical()))
+    for linger in (0.0, 0.1):
+        cpu_ms, binned = drift_cost.worker_cpu_per_sample(model, 8, 40, 0.25, linger)
+        assert binned == 10 and cpu_ms > 0
 
 
 def test_log_reading_benchmark_reads_back_every_row_it_wrote() -> None:

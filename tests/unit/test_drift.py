@@ -3,6 +3,8 @@ bounded sample queue."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -137,7 +139,9 @@ def test_a_tally_counts_defaulted_rows_per_feature_and_merges_them() -> None:
     assert Tally().merge(one).defaulted.tolist() == [3, 1, 2, 2]
 
 
-def _monitor(metrics: Metrics, max_pending: int = 8, min_rows: int = 1) -> DriftMonitor:
+def _monitor(
+    metrics: Metrics, max_pending: int = 8, min_rows: int = 1, linger_seconds: float = 0.25
+) -> DriftMonitor:
     return DriftMonitor(
         sample_rate=1.0,
         max_pending=max_pending,
@@ -145,6 +149,7 @@ def _monitor(metrics: Metrics, max_pending: int = 8, min_rows: int = 1) -> Drift
         window_buckets=6,
         min_rows=min_rows,
         dropped=metrics.drift_dropped,
+        linger_seconds=linger_seconds,
     )
 
 
@@ -240,7 +245,7 @@ def test_rolling_window_forgets_buckets_older_than_the_window() -> None:
 def test_a_full_queue_drops_samples_and_counts_them() -> None:
     model, inputs = _model(2000)
     metrics = Metrics(CollectorRegistry())
-    monitor = _monitor(metrics, max_pending=1)
+    monitor = _monitor(metrics, max_pending=1, linger_seconds=0)  # takes one, then blocks
     scores = model.score(inputs)
     found = np.ones(len(scores), dtype=np.bool_)
     submitted = 10
@@ -252,6 +257,42 @@ def test_a_full_queue_drops_samples_and_counts_them() -> None:
     (drift,) = monitor.table([model])
     assert dropped >= submitted - 2
     assert drift.rows == (submitted - dropped) * len(scores)
+    monitor.close()
+
+
+class CountingMonitor(DriftMonitor):
+    """Counts how many times the worker bins (one merged sample per version and batch)."""
+
+    binned = 0
+
+    def record(self, sample: Sample) -> None:
+        self.binned += 1
+        super().record(sample)
+
+
+@pytest.mark.parametrize(("linger_seconds", "binnings"), [(1.0, 1), (0.0, 3)])
+def test_samples_arriving_within_the_linger_are_binned_in_one_go(
+    linger_seconds: float, binnings: int
+) -> None:
+    model, inputs = _model(2000)
+    scores = model.score(inputs)
+    found = np.ones(len(scores), dtype=np.bool_)
+    monitor = CountingMonitor(
+        sample_rate=1.0,
+        max_pending=8,
+        window_seconds=60,
+        window_buckets=6,
+        min_rows=1,
+        dropped=Metrics(CollectorRegistry()).drift_dropped,
+        linger_seconds=linger_seconds,
+    )
+    for _ in range(3):
+        monitor.submit(model, inputs, scores, True, found)
+        time.sleep(0.1)  # one at a time, as a 5 % sample of a few thousand requests/s comes
+    assert monitor.wait_idle(10)
+    assert monitor.binned == binnings
+    (drift,) = monitor.table([model])
+    assert drift.rows == 3 * len(scores)
     monitor.close()
 
 
