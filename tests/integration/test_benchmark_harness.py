@@ -374,7 +374,9 @@ def test_points_count_the_answers_scored_on_default_features(
     assert timed_out["degraded"] == timed_out["requests"]
     assert timed_out["degraded_share"] == 1.0
     assert sum(timed_out["degraded_by_reason"].values()) == timed_out["degraded"]
-    assert set(timed_out["degraded_by_reason"]) <= {"timeout", "circuit_open"}
+    # A fetch given 1 µs times out; on a busy machine the loop may still be late when its
+    # patience runs out (event_loop_busy), and after five timeouts the circuit opens.
+    assert set(timed_out["degraded_by_reason"]) <= {"timeout", "circuit_open", "event_loop_busy"}
     assert fetched["degraded_by_reason"] == {}
     # The stages the server timed during the point, and the generator's own lateness.
     stages = fetched["server_p99_ms"]
