@@ -140,9 +140,13 @@ def test_a_tally_counts_defaulted_rows_per_feature_and_merges_them() -> None:
 
 
 def _monitor(
-    metrics: Metrics, max_pending: int = 8, min_rows: int = 1, linger_seconds: float = 0.25
+    metrics: Metrics,
+    max_pending: int = 8,
+    min_rows: int = 1,
+    linger_seconds: float = 0.25,
+    kind: type[DriftMonitor] = DriftMonitor,
 ) -> DriftMonitor:
-    return DriftMonitor(
+    return kind(
         sample_rate=1.0,
         max_pending=max_pending,
         window_seconds=60,
@@ -277,15 +281,10 @@ def test_samples_arriving_within_the_linger_are_binned_in_one_go(
     model, inputs = _model(2000)
     scores = model.score(inputs)
     found = np.ones(len(scores), dtype=np.bool_)
-    monitor = CountingMonitor(
-        sample_rate=1.0,
-        max_pending=8,
-        window_seconds=60,
-        window_buckets=6,
-        min_rows=1,
-        dropped=Metrics(CollectorRegistry()).drift_dropped,
-        linger_seconds=linger_seconds,
+    monitor = _monitor(
+        Metrics(CollectorRegistry()), linger_seconds=linger_seconds, kind=CountingMonitor
     )
+    assert isinstance(monitor, CountingMonitor)
     for _ in range(3):
         monitor.submit(model, inputs, scores, True, found)
         time.sleep(0.1)  # one at a time, as a 5 % sample of a few thousand requests/s comes
