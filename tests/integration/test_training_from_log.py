@@ -158,7 +158,10 @@ def test_train_from_a_served_log_publishes_a_version_that_loads_and_serves_its_m
     assert metadata.spec().fingerprint() == fingerprint
 
     # Every load-time check of the service: checksum, signature, golden rows, warm-up.
-    loaded = load_version(repository, "pcvr", 2, Settings())
+    # With the thread count training scored with (`--threads 2`): how onnxruntime splits a
+    # product among threads can move its last bit, enough to untie this barely trained model's
+    # near-ties on some CPUs.
+    loaded = load_version(repository, "pcvr", 2, Settings(intra_op_threads=2))
     # The test split is the newest rows: the loaded version scores them to the published AUC.
     logged_rows, _ = read_prediction_log([logged.log], progress=False)
     joined = join_labels(logged_rows, logged.conversions, unlabelled="negative")
@@ -174,9 +177,12 @@ def test_train_from_a_served_log_publishes_a_version_that_loads_and_serves_its_m
             for i in range(0, len(test.dense), SERVING_BATCH)
         ]
     )
-    assert roc_auc(joined.labels[newest], scores) == pytest.approx(
-        metadata.metrics["auc"], abs=1e-6
-    )
+    labels = joined.labels[newest]
+    positives = int(labels.sum())
+    # Up to one pair's weight of AUC: a near-tie the floats still order differently. A split
+    # other than the newest rows would be off by far more than that.
+    one_pair = 1.0 / (positives * (len(labels) - positives))
+    assert roc_auc(labels, scores) == pytest.approx(metadata.metrics["auc"], abs=one_pair + 1e-6)
 
     # Its validation rows cannot be drawn again from seeds: `adscore reference` refuses it.
     assert main(["reference", "--model-repository", str(repository.root), "--version", "2"]) == 2
