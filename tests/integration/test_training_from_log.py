@@ -13,12 +13,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batch_scoring.log_labels import join_labels
-from batch_scoring.prediction_log import read_prediction_log
+from batch_scoring.prediction_log import LoggedRows, read_prediction_log
 from feature_client.assembly import ModelInputs
 from models.evaluation import roc_auc
 from models.export import SERVING_BATCH
@@ -28,7 +29,7 @@ from models.synthetic import COUNTRIES, DEVICES, PLACEMENTS, SyntheticWorld
 from models.train import FitConfig
 from service.cli import main
 from service.prediction_record import PredictionRecord
-from service.registry import load_version
+from service.registry import LoadedModel, load_version
 from service.repository import ModelRepository
 from service.settings import Settings
 from tests.app.conftest import serving, world_of
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.integration
 
 REQUESTS = 400
 CANDIDATES = 25
+TRAINING_THREADS = 2
 Key = tuple[str, str]
 
 
@@ -123,7 +125,31 @@ def repository(trained: TrainedFixture, tmp_path: Path) -> ModelRepository:
 
 def train_from_log(repository: ModelRepository, *args: str) -> int:
     return main(["train", "--model-repository", str(repository.root), "--epochs", "1",
-                 "--threads", "2", "--quiet", *args])  # fmt: skip
+                 "--threads", str(TRAINING_THREADS), "--quiet", *args])  # fmt: skip
+
+
+def assert_scores_to_auc(
+    loaded: LoadedModel, rows: LoggedRows, labels: npt.NDArray[np.float32], published: float
+) -> None:
+    """The loaded version scores `rows` to the AUC its training published for them.
+
+    Scored like training scored them, in serving-sized batches on as many threads (the loaded
+    version is given TRAINING_THREADS): onnxruntime's floats depend a little on both, and a
+    barely trained model has near-ties that such a difference can untie. Up to one pair's weight
+    of AUC is allowed for a near-tie the floats still order differently; rows other than the
+    test split would be off by far more.
+    """
+    scores = np.concatenate(
+        [
+            loaded.score(
+                ModelInputs(rows.dense[i : i + SERVING_BATCH], rows.ids[i : i + SERVING_BATCH])
+            )
+            for i in range(0, len(rows.dense), SERVING_BATCH)
+        ]
+    )
+    positives = int(labels.sum())
+    one_pair = 1.0 / (positives * (len(labels) - positives))
+    assert roc_auc(labels, scores) == pytest.approx(published, abs=one_pair + 1e-6)
 
 
 def test_train_from_a_served_log_publishes_a_version_that_loads_and_serves_its_metrics(
@@ -158,31 +184,13 @@ def test_train_from_a_served_log_publishes_a_version_that_loads_and_serves_its_m
     assert metadata.spec().fingerprint() == fingerprint
 
     # Every load-time check of the service: checksum, signature, golden rows, warm-up.
-    # With the thread count training scored with (`--threads 2`): how onnxruntime splits a
-    # product among threads can move its last bit, enough to untie this barely trained model's
-    # near-ties on some CPUs.
-    loaded = load_version(repository, "pcvr", 2, Settings(intra_op_threads=2))
+    loaded = load_version(repository, "pcvr", 2, Settings(intra_op_threads=TRAINING_THREADS))
     # The test split is the newest rows: the loaded version scores them to the published AUC.
     logged_rows, _ = read_prediction_log([logged.log], progress=False)
     joined = join_labels(logged_rows, logged.conversions, unlabelled="negative")
     newest = time_splits(joined.rows.time)[3]
     test = joined.rows.take(newest)
-    # In the batches training scored them in: onnxruntime's floats depend on the batch size a
-    # little, and this barely trained model has near-ties that such a difference can flip.
-    scores = np.concatenate(
-        [
-            loaded.score(
-                ModelInputs(test.dense[i : i + SERVING_BATCH], test.ids[i : i + SERVING_BATCH])
-            )
-            for i in range(0, len(test.dense), SERVING_BATCH)
-        ]
-    )
-    labels = joined.labels[newest]
-    positives = int(labels.sum())
-    # Up to one pair's weight of AUC: a near-tie the floats still order differently. A split
-    # other than the newest rows would be off by far more than that.
-    one_pair = 1.0 / (positives * (len(labels) - positives))
-    assert roc_auc(labels, scores) == pytest.approx(metadata.metrics["auc"], abs=one_pair + 1e-6)
+    assert_scores_to_auc(loaded, test, joined.labels[newest], metadata.metrics["auc"])
 
     # Its validation rows cannot be drawn again from seeds: `adscore reference` refuses it.
     assert main(["reference", "--model-repository", str(repository.root), "--version", "2"]) == 2
@@ -290,18 +298,20 @@ def test_a_model_trained_on_logged_impressions_ranks_close_to_the_oracle(
         labelled, logged_spec(repository, rows), files=1, labels_name=labels.name
     )
     # Three epochs: on 28,000 rows one leaves the DCN-v2 undertrained (so does the synthetic path).
-    plan = TrainingPlan(fit=FitConfig(max_epochs=3, evaluations_per_epoch=2), threads=2)
+    fit = FitConfig(max_epochs=3, evaluations_per_epoch=2)
+    plan = TrainingPlan(fit=fit, threads=TRAINING_THREADS)
     model = run_training(log_plan(plan, data), progress=False, data=data)
     metadata = export_and_publish(model, repository, "pcvr")
-    loaded = load_version(repository, "pcvr", metadata.version, Settings())
+    settings = Settings(intra_op_threads=TRAINING_THREADS)
+    loaded = load_version(repository, "pcvr", metadata.version, settings)
 
     newest = time_splits(labelled.rows.time)[3]
     assert len(newest) == 4_000 and metadata.training["rows"] == 28_000
     y = labelled.labels[newest]
     test = labelled.rows.take(newest)
-    served = roc_auc(y, loaded.score(ModelInputs(test.dense, test.ids)))
+    assert_scores_to_auc(loaded, test, y, metadata.metrics["auc"])
+    served = metadata.metrics["auc"]
     oracle = roc_auc(y, probability[newest])  # request ids i{k} are the impression indices
-    assert served == pytest.approx(metadata.metrics["auc"], abs=1e-6)
     print(f"trained on the log: test AUC {served:.4f}, oracle {oracle:.4f}")
     assert served > 0.65 and oracle - served < 0.2, (served, oracle)
     assert metadata.metrics["auc"] > metadata.metrics["baseline_auc"]  # DCN-v2 over LR
