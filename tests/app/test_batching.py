@@ -3,6 +3,7 @@ and each gets exactly the scores it would get alone."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -62,13 +63,18 @@ def _bodies(service: RunningService) -> list[dict[str, Any]]:
     ]
 
 
-def _oip(service: RunningService) -> tuple[np.ndarray[Any, Any], Any]:
+def _oip(
+    service: RunningService, ready: threading.Barrier | None = None
+) -> tuple[np.ndarray[Any, Any], Any]:
+    """An OIP inference of five rows; sent once every party of `ready` is set up."""
     _, inputs = _case(service, n=5)
     client = triton.InferenceServerClient(url=service.url.removeprefix("http://"))
     dense = triton.InferInput("dense", list(inputs.dense.shape), "FP32")
     dense.set_data_from_numpy(inputs.dense)
     ids = triton.InferInput("ids", list(inputs.ids.shape), "INT64")
     ids.set_data_from_numpy(inputs.ids.astype(np.int64))
+    if ready is not None:
+        ready.wait(timeout=10)
     result = client.infer("pcvr", [dense, ids])
     return result.as_numpy("probability"), inputs
 
@@ -84,15 +90,21 @@ def test_concurrent_requests_share_model_calls_and_keep_their_own_scores(
     calls_before = _metric(batching_service.url, "adscore_batch_requests_count")
     requests_before = _metric(batching_service.url, "adscore_batch_requests_sum")
 
+    # Every client is built before any request leaves: on a slow machine building them one
+    # after another could spread the requests over more than the batch's delay.
+    ready = threading.Barrier(len(bodies) + 1)
+
     def score(body: dict[str, Any]) -> list[float]:
-        response = httpx.post(f"{batching_service.url}/v1/score", json=body, timeout=10)
+        with httpx.Client(timeout=10) as client:
+            ready.wait(timeout=10)
+            response = client.post(f"{batching_service.url}/v1/score", json=body)
         assert response.status_code == 200, response.text
         assert not response.json()["degraded"], response.text
         scores: list[float] = response.json()["scores"]
         return scores
 
     with ThreadPoolExecutor(len(bodies) + 1) as pool:
-        oip = pool.submit(_oip, batching_service)
+        oip = pool.submit(_oip, batching_service, ready)
         together = list(pool.map(score, bodies))
         oip_together, _ = oip.result()
 

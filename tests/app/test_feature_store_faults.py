@@ -108,7 +108,8 @@ def test_requests_beyond_max_in_flight_are_shed_at_once(trained: TrainedFixture)
         feature_timeout_ms=5_000,
         request_timeout_ms=10_000,
     )
-    server = LiveServer(create_app(settings, store=SlowStore()))
+    # Two seconds: all six requests arrive while the first two wait, even on a slow machine.
+    server = LiveServer(create_app(settings, store=SlowStore(pause_s=2.0)))
     server.start()
     try:
 

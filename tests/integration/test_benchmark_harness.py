@@ -156,7 +156,8 @@ def test_naive_service_scores_like_adscore(redis_url: str, world: SyntheticWorld
         naive.stop()
         ours.stop()
     assert mine.json()["missing"] == {"user": False, "ads": []}
-    np.testing.assert_allclose(theirs.json()["scores"], mine.json()["scores"], rtol=1e-6)
+    # The naive session runs on every core and adscore's on one: the last bits may differ.
+    np.testing.assert_allclose(theirs.json()["scores"], mine.json()["scores"], rtol=0, atol=1e-6)
 
 
 def _point(load: float, p99: float, rejected: int = 0) -> dict[str, Any]:

@@ -3,7 +3,9 @@ bounded sample queue."""
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -246,21 +248,36 @@ def test_rolling_window_forgets_buckets_older_than_the_window() -> None:
     assert window.total().rows == 0
 
 
+class HeldMonitor(DriftMonitor):
+    """A worker that, once it has taken samples, waits in `record` until released."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.recording = threading.Event()
+        self.release = threading.Event()
+
+    def record(self, sample: Sample) -> None:
+        self.recording.set()
+        assert self.release.wait(10)
+        super().record(sample)
+
+
 def test_a_full_queue_drops_samples_and_counts_them() -> None:
     model, inputs = _model(2000)
     metrics = Metrics(CollectorRegistry())
-    monitor = _monitor(metrics, max_pending=1, linger_seconds=0)  # takes one, then blocks
+    monitor = _monitor(metrics, max_pending=1, linger_seconds=0, kind=HeldMonitor)
+    assert isinstance(monitor, HeldMonitor)
     scores = model.score(inputs)
     found = np.ones(len(scores), dtype=np.bool_)
-    submitted = 10
-    with monitor._lock:  # the worker blocks on its first sample: the queue fills up
-        for _ in range(submitted):
-            monitor.submit(model, inputs, scores, True, found)
+    monitor.submit(model, inputs, scores, True, found)
+    assert monitor.recording.wait(10)  # the worker holds the first sample: the queue is empty
+    for _ in range(9):  # one fits in the queue, eight find it full
+        monitor.submit(model, inputs, scores, True, found)
+    assert metrics.drift_dropped.labels("pcvr")._value.get() == 8
+    monitor.release.set()
     assert monitor.wait_idle(10)
-    dropped = metrics.drift_dropped.labels("pcvr")._value.get()
     (drift,) = monitor.table([model])
-    assert dropped >= submitted - 2
-    assert drift.rows == (submitted - dropped) * len(scores)
+    assert drift.rows == 2 * len(scores)
     monitor.close()
 
 
