@@ -53,8 +53,10 @@ Probabilities = npt.NDArray[np.float64]
 Calibrate = Callable[[Logits], Probabilities]
 Scored = tuple[Logits, Probabilities | None]
 
-# A batch held for more requests leaves at least this long before its earliest deadline.
-DEADLINE_MARGIN_SECONDS = 0.001
+# A batch held for more requests leaves at least this long before its earliest deadline: the
+# interpreter's switch interval, the longest an inference thread woken to take the batch may
+# wait for the interpreter lock while the event loop holds it.
+DEADLINE_MARGIN_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
