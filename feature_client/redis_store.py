@@ -1,25 +1,29 @@
 """The Redis feature store: a request's user and candidate ads in one MGET, shared with the
 concurrent requests (coalescing.py).
 
-The MGET bypasses redis-py's command layer: Redis.execute_command wraps every call in retry,
-observability and special-command hooks, and pack_command frames arguments one by one. Here
-the command is framed in one join and sent on a pooled connection: client CPU per 257-key MGET
-went from 229 µs to 107 µs (`python -m benchmarks.redis_clients`), about a tenth of a
-256-candidate request's CPU. Replies are still parsed by hiredis.
+The MGET bypasses redis-py: its command layer wraps every call in retry, observability and
+special-command hooks and frames arguments one by one, and its connections read replies through
+a stream reader. Here the command is framed in one join (resp.py) and pipelined on a connection
+of our own that feeds hiredis as bytes arrive (resp_connection.py). Everything else (writes, the
+schema stamp, pings) goes through redis-py, and so do the MGETs of a URL that connection does
+not speak: TLS (rediss://) or a Unix socket.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.exceptions import RedisError
 
 from feature_client.coalescing import CoalescingReader
 from feature_client.resp import pack_mget
+from feature_client.resp_connection import RespConnection
 from feature_client.store import FeatureStoreUnavailable, KeyLayout, RawFeatures, SchemaStamp
 
 WRITE_CHUNK = 2_000
@@ -30,9 +34,22 @@ STALL_SECONDS = 0.5
 class RedisFeatureStore:
     """Feature vectors in Redis (single node), read with the asyncio client and hiredis."""
 
-    def __init__(self, client: redis.Redis, namespace: str, reads_in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        reads_in_flight: int = 2,
+        *,
+        url: str | None = None,
+        stall_seconds: float = STALL_SECONDS,
+    ) -> None:
         self._client = client
         self.keys = KeyLayout(namespace)
+        # Where the hot path's own connection goes (None: a URL it does not speak, or none).
+        self._address = _plain_tcp(url) if url is not None else None
+        self._stall_seconds = stall_seconds
+        self._connection: RespConnection | None = None
+        self._connecting = asyncio.Lock()
         self._reader = CoalescingReader(self.mget, max_in_flight=reads_in_flight)
 
     @classmethod
@@ -51,10 +68,30 @@ class RedisFeatureStore:
             retry=Retry(NoBackoff(), 0),
             max_connections=256,
         )
-        return cls(client, namespace, reads_in_flight)
+        return cls(client, namespace, reads_in_flight, url=url, stall_seconds=stall)
 
     async def mget(self, names: list[str]) -> list[bytes | None]:
         """One MGET of `names` now, on its own (fetch() merges concurrent reads into these)."""
+        if self._address is None:
+            return await self._pooled_mget(names)
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return await connection.mget(pack_mget(names))
+
+    async def _connect(self) -> RespConnection:
+        """The hot path's connection, opened again if it closed (one opening at a time)."""
+        assert self._address is not None
+        async with self._connecting:
+            connection = self._connection
+            if connection is None or connection.closed:
+                connection = await RespConnection.open(
+                    **self._address, stall_seconds=self._stall_seconds
+                )
+                self._connection = connection
+            return connection
+
+    async def _pooled_mget(self, names: list[str]) -> list[bytes | None]:
         pool = self._client.connection_pool
         try:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -107,4 +144,20 @@ class RedisFeatureStore:
 
     async def close(self) -> None:
         await self._reader.close()
+        if self._connection is not None:
+            self._connection.close()
         await self._client.aclose()
+
+
+def _plain_tcp(url: str) -> dict[str, Any] | None:
+    """Host, port, credentials and database of a redis:// URL; None for any other kind."""
+    if not url.startswith("redis://"):
+        return None
+    parsed = parse_url(url)  # type: ignore[no-untyped-call]
+    return {
+        "host": parsed.get("host") or "localhost",
+        "port": int(parsed.get("port") or 6379),
+        "username": parsed.get("username"),
+        "password": parsed.get("password"),
+        "db": int(parsed.get("db") or 0),
+    }
