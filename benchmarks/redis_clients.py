@@ -1,8 +1,9 @@
 """Client CPU of one MGET of 257 keys (a 256-candidate request) and of 9 keys (8 candidates):
-redis-py's synchronous client, redis.asyncio, the feature store's own read (one-join framing
-on a pooled asyncio connection, no coalescing), and a bare asyncio protocol feeding hiredis
-(`RawMget`: no pool, no stream reader; the floor of what a client of our own could reach).
-The asyncio variants run on uvloop, like the service.
+redis-py's synchronous client, redis.asyncio, the feature store's read on a redis-py pooled
+connection (one-join framing; what it did before it had a connection of its own), the feature
+store's read on its own connection (feature_client/resp_connection.py), and a bare asyncio
+protocol feeding hiredis (`RawMget`: the floor, with nothing a production client needs). No
+coalescing. The asyncio variants run on uvloop, like the service.
 
 python -m benchmarks.redis_clients
 """
@@ -87,25 +88,30 @@ def main() -> None:
 
 def measure(server: LocalRedisServer, rounds: list[list[str]]) -> None:
     client = redis.Redis.from_url(server.url)
-    with Timer("  sync MGET: "):
+    with Timer("  sync MGET:                      "):
         for keys in rounds:
             client.mget(keys)
     client.close()
 
     async def run_async() -> None:
         async_client = aredis.Redis.from_url(server.url)
-        with Timer("  async MGET:"):
+        with Timer("  async MGET:                     "):
             for keys in rounds:
                 await async_client.mget(keys)
         await async_client.aclose()
+        pooled = RedisFeatureStore(aredis.Redis.from_url(server.url), "adscore")  # no url
+        with Timer("  store MGET, redis-py connection:"):
+            for keys in rounds:
+                await pooled.mget(keys)
+        await pooled.close()
         store = RedisFeatureStore.from_url(server.url, "adscore", 1.0)
-        with Timer("  store MGET:"):
+        with Timer("  store MGET, own connection:     "):
             for keys in rounds:
                 await store.mget(keys)
         await store.close()
         loop = asyncio.get_running_loop()
         _, raw = await loop.create_connection(RawMget, "127.0.0.1", server.port)
-        with Timer("  raw MGET:  "):
+        with Timer("  raw MGET:                       "):
             for keys in rounds:
                 await raw.mget(keys)
         raw.close()

@@ -32,7 +32,8 @@ STALL_SECONDS = 0.5
 
 
 class RedisFeatureStore:
-    """Feature vectors in Redis (single node), read with the asyncio client and hiredis."""
+    """Feature vectors in Redis (single node): MGETs on a connection of its own (see above),
+    everything else with redis.asyncio; replies parsed by hiredis."""
 
     def __init__(
         self,
