@@ -51,6 +51,7 @@ class RedisFeatureStore:
         self._stall_seconds = stall_seconds
         self._connection: RespConnection | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
         self._reader = CoalescingReader(self.mget, max_in_flight=reads_in_flight)
 
     @classmethod
@@ -73,6 +74,8 @@ class RedisFeatureStore:
 
     async def mget(self, names: list[str]) -> list[bytes | None]:
         """One MGET of `names` now, on its own (fetch() merges concurrent reads into these)."""
+        if self._closed:
+            raise FeatureStoreUnavailable("redis: the feature store is closed")
         if self._address is None:
             return await self._pooled_mget(names)
         connection = self._connection
@@ -144,6 +147,7 @@ class RedisFeatureStore:
             return False
 
     async def close(self) -> None:
+        self._closed = True
         await self._reader.close()
         if self._connection is not None:
             self._connection.close()

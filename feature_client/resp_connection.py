@@ -11,12 +11,14 @@ in the order they came, so several reads can be in flight on it.
 A caller that stops waiting keeps its place in line: its reply is read and dropped, and the
 connection stays in step. A server that stops answering is found out by a stall check: when
 the oldest command has waited `stall_seconds` and no byte arrived since the previous look,
-the connection is closed and every caller gets FeatureStoreUnavailable.
+the connection is closed and every caller gets FeatureStoreUnavailable; bytes waiting unread in
+the socket (a busy event loop) count as an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 from collections import deque
 from typing import Any, cast
 
@@ -64,7 +66,7 @@ class RespConnection(asyncio.Protocol):
         try:
             async with asyncio.timeout(stall_seconds):
                 _, connection = await loop.create_connection(lambda: cls(stall_seconds), host, port)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed host name
             raise FeatureStoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         try:
             if password is not None:
@@ -97,9 +99,12 @@ class RespConnection(asyncio.Protocol):
             raise FeatureStoreUnavailable(self._lost)
         if self._transport is None:
             raise FeatureStoreUnavailable("redis: not connected")
+        try:
+            self._transport.writelines(framed)
+        except Exception as exc:  # nothing was queued for it: the connection is still in step
+            raise FeatureStoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         future = self._loop.create_future()
         self._waiting.append((future, self._loop.time()))
-        self._transport.writelines(framed)
         if self._stall_check is None:
             self._stall_check = self._loop.call_later(self._stall_seconds, self._look_for_stall)
         return future
@@ -137,13 +142,24 @@ class RespConnection(asyncio.Protocol):
             self._stall_check = self._loop.call_later(
                 self._stall_seconds - waited, self._look_for_stall
             )
-        elif self._bytes_received != self._bytes_at_last_look:
-            # Bytes came since the last look, or this is the first: look once more after the
-            # loop has had a turn to read what may be waiting (a busy loop reads late).
+        elif self._bytes_received != self._bytes_at_last_look or self._unread_bytes_waiting():
+            # Bytes came since the last look, or wait unread, or this is the first look: look
+            # once more after the loop has had a turn to read (a busy loop reads late).
             self._bytes_at_last_look = self._bytes_received
             self._stall_check = self._loop.call_later(0.01, self._look_for_stall)
         else:
             self._lose(f"redis: no reply in {waited:.2f} s")
+
+    def _unread_bytes_waiting(self) -> bool:
+        """Whether the socket holds bytes the loop has not read yet."""
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(readable)
 
     def _lose(self, reason: str) -> None:
         """Close for good; every caller still waiting, and every later one, is told `reason`."""

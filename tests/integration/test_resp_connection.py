@@ -17,6 +17,8 @@ import uvloop
 
 from feature_client.redis_server import LocalRedisServer
 from feature_client.redis_store import RedisFeatureStore
+from feature_client.resp import pack_mget
+from feature_client.resp_connection import RespConnection
 from feature_client.store import FeatureStoreUnavailable
 
 pytestmark = pytest.mark.integration
@@ -59,10 +61,10 @@ def test_a_caller_that_stops_waiting_leaves_the_connection_in_step(
     admin = redis.Redis.from_url(redis_url)
 
     async def scenario() -> list[bytes | None]:
-        store = RedisFeatureStore.from_url(redis_url, "t", 2.0)
+        store = RedisFeatureStore.from_url(redis_url, "t", 5.0)  # no stall within the pause
         try:
             await store.mget(["a"])  # connected
-            admin.client_pause(300)
+            admin.client_pause(1000)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(store.mget(["a"]), 0.05)
             # Its reply comes first once the pause ends, and is dropped: this one gets its own.
@@ -146,3 +148,57 @@ def test_the_database_and_credentials_come_from_the_url(
     # This server has no password: AUTH is refused, and the refusal is the error.
     with pytest.raises(FeatureStoreUnavailable, match="AUTH"):
         run(read(f"redis://:secret@127.0.0.1:{redis_server.port}/3"))
+
+
+def test_a_busy_event_loop_does_not_pass_for_a_stalled_server(
+    redis_url: str, run: Callable[..., Any]
+) -> None:
+    _write(redis_url, {"a": b"1"})
+
+    async def scenario() -> list[bytes | None]:
+        store = RedisFeatureStore.from_url(redis_url, "t", 0.3)  # stall after 0.5 s
+        try:
+            await store.mget(["a"])  # connected
+            read = asyncio.ensure_future(store.mget(["a"]))
+            # Runs right after the read is written, before the loop can read the reply: the
+            # reply waits in the socket while the stall check comes due.
+            asyncio.get_running_loop().call_soon(time.sleep, 0.8)
+            return await read
+        finally:
+            await store.close()
+
+    assert run(scenario()) == [b"1"]
+
+
+def test_an_error_reply_goes_to_its_own_caller(
+    redis_server: LocalRedisServer, redis_url: str, run: Callable[..., Any]
+) -> None:
+    _write(redis_url, {"a": b"1", "text": b"not a number"})
+
+    async def scenario() -> list[Any]:
+        connection = await RespConnection.open("127.0.0.1", redis_server.port, stall_seconds=2)
+        try:
+            return list(
+                await asyncio.gather(
+                    connection.command("INCR", "text"),
+                    connection.mget(pack_mget(["a"])),
+                    return_exceptions=True,
+                )
+            )
+        finally:
+            connection.close()
+
+    failed, values = run(scenario())
+    assert isinstance(failed, FeatureStoreUnavailable) and "not an integer" in str(failed)
+    assert values == [b"1"]
+
+
+def test_a_closed_store_refuses_reads(redis_url: str, run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        store = RedisFeatureStore.from_url(redis_url, "t", 1.0)
+        await store.mget(["a"])
+        await store.close()
+        with pytest.raises(FeatureStoreUnavailable, match="closed"):
+            await store.mget(["a"])
+
+    run(scenario())
