@@ -1,4 +1,4 @@
-"""RESP framing of the one command on the hot path, MGET, in a single join."""
+"""RESP framing: the one command on the hot path, MGET, in a single join, and any other."""
 
 from __future__ import annotations
 
@@ -16,3 +16,11 @@ def pack_mget(keys: Sequence[str]) -> list[bytes]:
         return [header + text.encode()]
     encoded = [key.encode() for key in keys]
     return [header + b"".join(b"$%d\r\n%s\r\n" % (len(key), key) for key in encoded)]
+
+
+def pack_command(*parts: str) -> bytes:
+    """A command as Redis's wire protocol (RESP2 array of bulk strings), UTF-8 arguments."""
+    encoded = [part.encode() for part in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
+    )

@@ -2,11 +2,11 @@
 as their bytes arrive.
 
 redis-py's asyncio connection reads a reply through a stream reader and its parser class, and
-lends the connection out of a pool for each command. For a 257-key MGET that took 1.6-1.7x the
-client CPU of feeding the socket's bytes to hiredis directly, and 2.5-3.5x for 9 keys
-(`python -m benchmarks.redis_clients`). Here a protocol writes each framed command at once and
-settles the waiting callers in order as replies complete: Redis answers a connection's commands
-in the order they came, so several reads can be in flight on it.
+lends the connection out of a pool for each command. For a 257-key MGET that took 1.5-1.8x the
+client CPU of this connection, and 2.7-3.7x for 9 keys (`python -m benchmarks.redis_clients`).
+Here a protocol writes each framed command at once and settles the waiting callers in order as
+replies complete: Redis answers a connection's commands in the order they came, so several
+reads can be in flight on it.
 
 A caller that stops waiting keeps its place in line: its reply is read and dropped, and the
 connection stays in step. A server that stops answering is found out by a stall check: when
@@ -24,15 +24,8 @@ from typing import Any, cast
 
 import hiredis
 
+from feature_client.resp import pack_command
 from feature_client.store import FeatureStoreUnavailable
-
-
-def pack_command(*parts: str) -> bytes:
-    """A command as Redis's wire protocol (RESP2 array of bulk strings), UTF-8 arguments."""
-    encoded = [part.encode() for part in parts]
-    return b"*%d\r\n" % len(encoded) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded
-    )
 
 
 class RespConnection(asyncio.Protocol):
@@ -155,11 +148,13 @@ class RespConnection(asyncio.Protocol):
         sock = None if self._transport is None else self._transport.get_extra_info("socket")
         if sock is None:
             return False
+        # poll, not select: a busy server's descriptors can be past select's limit of 1024.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):  # closed meanwhile
             return False
-        return bool(readable)
 
     def _lose(self, reason: str) -> None:
         """Close for good; every caller still waiting, and every later one, is told `reason`."""
