@@ -1,20 +1,16 @@
 """Client CPU of one MGET of 257 keys (a 256-candidate request) and of 9 keys (8 candidates):
 redis-py's synchronous client, redis.asyncio, the feature store's read on a redis-py pooled
-connection (one-join framing; what it did before it had a connection of its own), the feature
-store's read on its own connection (feature_client/resp_connection.py), and a bare asyncio
-protocol feeding hiredis (`RawMget`: the floor, with nothing a production client needs). No
-coalescing. The asyncio variants run on uvloop, like the service.
+connection (one-join framing; what it did before it had a connection of its own), and the feature
+store's read on its own connection (feature_client/resp_connection.py). No coalescing. The
+asyncio variants run on uvloop, like the service.
 
 python -m benchmarks.redis_clients
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import time
 
-import hiredis
 import numpy as np
 import redis
 import redis.asyncio as aredis
@@ -22,7 +18,6 @@ import uvloop
 
 from feature_client.redis_server import LocalRedisServer
 from feature_client.redis_store import RedisFeatureStore
-from feature_client.resp import pack_mget
 
 ADS = 200_000
 CALLS = 2_000
@@ -41,34 +36,6 @@ class Timer:
         cpu = (time.process_time() - self.cpu) / CALLS * 1e6
         wall = (time.perf_counter() - self.wall) / CALLS * 1e6
         print(f"{self.label} {cpu:.0f} µs client CPU, {wall:.0f} µs wall")
-
-
-class RawMget(asyncio.Protocol):
-    """MGETs on one connection: write the framed command, resolve replies in order."""
-
-    def __init__(self) -> None:
-        self._reader = hiredis.Reader()
-        self._waiting: collections.deque[asyncio.Future[list[bytes | None]]] = collections.deque()
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        while (reply := self._reader.gets()) is not False:
-            self._waiting.popleft().set_result(reply)
-
-    async def mget(self, names: list[str]) -> list[bytes | None]:
-        assert self._transport is not None
-        future: asyncio.Future[list[bytes | None]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
-        self._transport.writelines(pack_mget(names))
-        return await future
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 def main() -> None:
@@ -109,12 +76,6 @@ def measure(server: LocalRedisServer, rounds: list[list[str]]) -> None:
             for keys in rounds:
                 await store.mget(keys)
         await store.close()
-        loop = asyncio.get_running_loop()
-        _, raw = await loop.create_connection(RawMget, "127.0.0.1", server.port)
-        with Timer("  raw MGET:                       "):
-            for keys in rounds:
-                await raw.mget(keys)
-        raw.close()
 
     uvloop.run(run_async())
 
