@@ -44,6 +44,7 @@ import numpy.typing as npt
 from prometheus_client import Counter
 
 from feature_client.assembly import ModelInputs, concatenate_inputs
+from feature_client.batch_layout import LaidOut, PendingLayout, lay_out
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.lean_metrics import Level, Observer
 from service.runtime import ModelRuntime
@@ -51,7 +52,7 @@ from service.runtime import ModelRuntime
 Logits = npt.NDArray[np.float32]
 Probabilities = npt.NDArray[np.float64]
 Calibrate = Callable[[Logits], Probabilities]
-Scored = tuple[Logits, Probabilities | None]
+Scored = tuple[Logits, Probabilities | None, LaidOut | None]
 
 # A batch held for more requests leaves at least this long before its earliest deadline: the
 # interpreter's switch interval, the longest an inference thread woken to take the batch may
@@ -88,7 +89,7 @@ class _Waiting:
     """One request in the queue; times are time.monotonic()."""
 
     runtime: ModelRuntime
-    inputs: ModelInputs
+    inputs: ModelInputs | PendingLayout
     calibrate: Calibrate | None
     future: asyncio.Future[Scored]
     loop: asyncio.AbstractEventLoop
@@ -100,21 +101,21 @@ class _Waiting:
         self.rows = len(self.inputs)
 
 
-def _settle(
-    slices: list[tuple[_Waiting, int, Probabilities | None]],
-    logits: Logits | None,
-    error: BaseException | None,
-) -> None:
-    """On the event loop: each request gets its rows of the batch's logits (from its offset)
-    and its calibrated probabilities, or the error."""
-    for waiting, offset, probabilities in slices:
+Slice = tuple[_Waiting, int, Probabilities | None, LaidOut | None]
+
+
+def _settle(slices: list[Slice], logits: Logits | None, error: BaseException | None) -> None:
+    """On the event loop: each request gets its rows of the batch's logits (from its offset),
+    its calibrated probabilities and its laid-out inputs, or the error."""
+    for waiting, offset, probabilities, laid in slices:
         if waiting.future.done():  # its caller went away meanwhile
             continue
         if error is not None:
             waiting.future.set_exception(error)
         else:
             assert logits is not None
-            waiting.future.set_result((logits[offset : offset + waiting.rows], probabilities))
+            rows = logits[offset : offset + waiting.rows]
+            waiting.future.set_result((rows, probabilities, laid))
 
 
 def _calibrated(batch: list[_Waiting], logits: Logits) -> list[Probabilities | None]:
@@ -141,18 +142,42 @@ def _settle_soon(
     logits: Logits | None,
     error: BaseException | None,
     probabilities: list[Probabilities | None] | None = None,
+    laid: list[LaidOut | None] | None = None,
 ) -> None:
     """From any thread: settle `batch` on its requests' event loop, one callback per loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Waiting, int, Probabilities | None]]]
-    by_loop = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[Slice]] = {}
     offset = 0
     for i, waiting in enumerate(batch):
         calibrated = None if probabilities is None else probabilities[i]
-        by_loop.setdefault(waiting.loop, []).append((waiting, offset, calibrated))
+        inputs = None if laid is None else laid[i]
+        by_loop.setdefault(waiting.loop, []).append((waiting, offset, calibrated, inputs))
         offset += waiting.rows
     for loop, slices in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(_settle, slices, logits, error)
+
+
+def _batch_inputs(batch: list[_Waiting]) -> tuple[ModelInputs, list[LaidOut | None] | None]:
+    """The batch's model inputs, its requests' in order, with the pending layouts laid out
+    together (and their share of the inputs, in the order of the batch)."""
+    pending = [w.inputs for w in batch if isinstance(w.inputs, PendingLayout)]
+    if not pending:
+        return concatenate_inputs([w.inputs for w in batch]), None  # type: ignore[misc]
+    laid_inputs, laid = lay_out(pending)
+    if len(pending) == len(batch):  # the usual case: the batch's matrices are laid out already
+        return laid_inputs, list(laid)
+    per_request: list[LaidOut | None] = []
+    parts: list[ModelInputs] = []
+    next_laid = iter(laid)
+    for waiting in batch:
+        if isinstance(waiting.inputs, PendingLayout):
+            own = next(next_laid)
+            per_request.append(own)
+            parts.append(own.inputs)
+        else:
+            per_request.append(None)
+            parts.append(waiting.inputs)
+    return concatenate_inputs(parts), per_request
 
 
 class MicroBatcher:
@@ -193,7 +218,7 @@ class MicroBatcher:
         DeadlineExceeded instead of being scored late. Raises Overloaded, without queueing,
         when its rows would push the queue past `max_queued_rows`.
         """
-        logits, _ = await self._queue.predict(runtime, inputs, None, deadline)
+        logits, _, _ = await self._queue.predict(runtime, inputs, None, deadline)
         return logits
 
     async def predict_calibrated(
@@ -205,9 +230,23 @@ class MicroBatcher:
     ) -> tuple[Logits, Probabilities]:
         """`predict`, and `calibrate` applied to the logits on the inference thread, once for
         every request of the batch that brought the same calibration."""
-        logits, probabilities = await self._queue.predict(runtime, inputs, calibrate, deadline)
+        logits, probabilities, _ = await self._queue.predict(runtime, inputs, calibrate, deadline)
         assert probabilities is not None
         return logits, probabilities
+
+    async def score_layout(
+        self,
+        runtime: ModelRuntime,
+        calibrate: Calibrate,
+        pending: PendingLayout,
+        deadline: float | None = None,
+    ) -> tuple[Probabilities, LaidOut]:
+        """`predict_calibrated` of a request whose stored values are still to be decoded: the
+        inference thread lays them out with the rest of the batch (feature_client/batch_layout.py)
+        and returns its calibrated probabilities and its rows of the batch's inputs."""
+        _, probabilities, laid = await self._queue.predict(runtime, pending, calibrate, deadline)
+        assert probabilities is not None and laid is not None
+        return probabilities, laid
 
     def close(self) -> None:
         """Refuse the requests still queued and stop the inference threads once the calls
@@ -240,7 +279,7 @@ class _BatchQueue:
     async def predict(
         self,
         runtime: ModelRuntime,
-        inputs: ModelInputs,
+        inputs: ModelInputs | PendingLayout,
         calibrate: Calibrate | None,
         deadline: float | None,
     ) -> Scored:
@@ -309,7 +348,7 @@ class _BatchQueue:
     def _run(self, batch: list[_Waiting]) -> None:
         """One model call; whatever goes wrong reaches the batch's callers, never the thread."""
         try:
-            inputs = concatenate_inputs([w.inputs for w in batch])
+            inputs, laid = _batch_inputs(batch)
             self._metrics.batch_rows.observe(len(inputs))
             self._metrics.batch_requests.observe(len(batch))
             logits = batch[0].runtime.predict(inputs)
@@ -320,7 +359,7 @@ class _BatchQueue:
             _settle_soon(batch, None, NotReady("the inference thread stopped"))
             raise
         else:
-            _settle_soon(batch, logits, None, probabilities)
+            _settle_soon(batch, logits, None, probabilities, laid)
 
     def _next_batch(self, index: int) -> list[_Waiting] | None:
         """Under the lock: wait until a batch is due and this thread may take it; None once

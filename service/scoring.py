@@ -1,9 +1,9 @@
 """The hot path: one scoring request from ids to calibrated probabilities.
 
 fetch the user's and the candidates' feature vectors (one store round trip)
--> decode them and lay out the model inputs (numpy, no per-feature loop)
--> run the model on an inference thread, merged with concurrent requests (the micro-batcher)
--> calibrate -> one probability per candidate
+-> on an inference thread, merged with concurrent requests (the micro-batcher): decode them
+   and lay out the model inputs of the whole batch (numpy, no per-feature loop), run the model,
+   calibrate -> one probability per candidate
 
 A request's deadline (its timeout_ms, or request_timeout_ms) is spent across the stages: the
 fetch gets most of what is left of it, and a request still waiting for the model when it passes is
@@ -22,13 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from feature_client.assembly import (
-    ContextBlocks,
-    ContextError,
-    ModelInputs,
-    assemble_inputs,
-)
-from feature_client.codec import DecodedRows
+from feature_client.assembly import ContextBlocks, ContextError, ModelInputs
+from feature_client.batch_layout import PendingLayout, lay_out, lay_out_one
 from feature_client.store import FeatureStore, FeatureStoreUnavailable, RawFeatures
 from service.batcher import BatchingPolicy, MicroBatcher
 from service.circuit_breaker import CircuitBreaker, CircuitState
@@ -223,16 +218,8 @@ class ScoringPipeline:
             raise InvalidRequest(f"context.{exc}") from exc
 
     @staticmethod
-    def _layout(
-        model: LoadedModel, raw: RawFeatures, context: ContextBlocks
-    ) -> tuple[DecodedRows, DecodedRows, ModelInputs]:
-        context_dense, context_ids = context
-        user = model.user_codec.decode([raw.user])
-        ads = model.ad_codec.decode(raw.ads)
-        inputs = assemble_inputs(
-            len(raw.ads), [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
-        )
-        return user, ads, inputs
+    def _pending(model: LoadedModel, raw: RawFeatures, context: ContextBlocks) -> PendingLayout:
+        return PendingLayout(model.user_codec, model.ad_codec, raw.user, raw.ads, context)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         # One route per request: the versions it names stay alive until it answers.
@@ -247,14 +234,13 @@ class ScoringPipeline:
         raw, degraded_reason = await self._fetch(request, deadline)
         fetched = time.perf_counter()
         self._fetch_seconds.observe(fetched - context_done)
-
-        user, ads, inputs = self._layout(model, raw, context)
-        assembled = time.perf_counter()
-        self._assembly_seconds.observe(assembled - fetched + context_done - started)
+        pending = self._pending(model, raw, context)
 
         explanations = None
         if request.explain:
-            # The request's rows and their occluded copies share one model call.
+            # Laid out here: the request's rows and their occluded copies share one model call.
+            _, (laid,) = lay_out([pending])
+            inputs = laid.inputs
             occlusion = occlude(model.spec, inputs)
             _, calibrated = await self.batcher.predict_calibrated(
                 model.runtime, model.calibration.apply, occlusion.inputs, deadline
@@ -263,10 +249,14 @@ class ScoringPipeline:
             top_k = request.explain_top_k or self._settings.explain_top_k
             explanations = top_contributions(occlusion.features, request.ad_ids, table, top_k)
         else:
-            _, scores = await self.batcher.predict_calibrated(
-                model.runtime, model.calibration.apply, inputs, deadline
+            # Laid out on the inference thread, together with the rest of its batch.
+            scores, laid = await self.batcher.score_layout(
+                model.runtime, model.calibration.apply, pending, deadline
             )
-        self._inference_seconds.observe(time.perf_counter() - assembled)
+            inputs = laid.inputs
+        scored = time.perf_counter()
+        self._assembly_seconds.observe(context_done - started + laid.seconds)
+        self._inference_seconds.observe(scored - fetched - laid.seconds)
 
         n = len(request.ad_ids)
         self._metrics.candidates.observe(n)
@@ -278,10 +268,10 @@ class ScoringPipeline:
                 shadow_inputs = inputs
             else:
                 shadow_context = self._context(shadow, request.context)
-                shadow_inputs = self._layout(shadow, raw, shadow_context)[2]
+                shadow_inputs = lay_out_one(self._pending(shadow, raw, shadow_context))[2]
             self.shadow.submit(shadow, shadow_inputs, scores)
         # A sample of requests, binned on the drift worker thread (O(1) here).
-        self.drift.submit(model, inputs, scores, bool(user.found[0]), ads.found)
+        self.drift.submit(model, inputs, scores, laid.user_found, laid.ads_found)
         if self.prediction_log is not None:
             self.prediction_log.submit(
                 model, route.role, request.request_id, request.tenant, request.user_id,
@@ -304,14 +294,16 @@ class ScoringPipeline:
         if degraded_reason is not None:
             self._metrics.degraded_responses.labels(degraded_reason).inc()
             return result(False, [], True)
-        missing_ads = [request.ad_ids[i] for i in np.flatnonzero(~ads.found)] if ads.missing else []
-        missing_user = not bool(user.found[0])
+        missing_ads = (
+            [request.ad_ids[i] for i in np.flatnonzero(~laid.ads_found)] if laid.missing_ads else []
+        )
+        missing_user = not laid.user_found
         if missing_user:
             self._metrics.missing_entities.labels("user").inc()
         if missing_ads:
             self._metrics.missing_entities.labels("ad").inc(len(missing_ads))
-        if user.rejected:
-            self._metrics.rejected_feature_values.labels("user").inc(user.rejected)
-        if ads.rejected:
-            self._metrics.rejected_feature_values.labels("ad").inc(ads.rejected)
+        if laid.rejected_user:
+            self._metrics.rejected_feature_values.labels("user").inc(laid.rejected_user)
+        if laid.rejected_ads:
+            self._metrics.rejected_feature_values.labels("ad").inc(laid.rejected_ads)
         return result(missing_user, missing_ads, False)

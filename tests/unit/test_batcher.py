@@ -15,7 +15,10 @@ import numpy.typing as npt
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feature_client.assembly import ModelInputs
+from feature_client.assembly import ModelInputs, context_blocks
+from feature_client.batch_layout import PendingLayout
+from feature_client.codec import EntityCodec
+from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
 from service.app import on_overload
 from service.batcher import BatchingPolicy, MicroBatcher
 from service.errors import DeadlineExceeded, NotReady, Overloaded
@@ -165,6 +168,74 @@ def test_a_shared_calibration_runs_once_per_batch_and_each_request_gets_its_rows
     for i, (logits, probabilities) in enumerate(results):
         np.testing.assert_array_equal(logits, [10 * i, 10 * i + 1, 10 * i + 2])
         np.testing.assert_array_equal(probabilities, 2.0 * logits)
+
+
+LAYOUT_SPEC = FeatureSpec(
+    schema_version=1,
+    features=(
+        DenseFeature("user_activity", "user", default=0.5),
+        DenseFeature("ad_price", "ad", default=-1.0),
+        CategoricalFeature("ad_id", "ad", hash_buckets=64),
+        DenseFeature("hour", "context", default=9.0),
+    ),
+)
+
+
+def pending(user_activity: float, ad_prices: list[float | None]) -> PendingLayout:
+    """A request whose logits (the FakeRuntime's first dense column) are its user's activity."""
+    users, ads = EntityCodec(LAYOUT_SPEC, "user"), EntityCodec(LAYOUT_SPEC, "ad")
+    (user,) = users.encode(np.array([[user_activity]], np.float32), np.zeros((1, 0), np.int32))
+    stored = ads.encode(
+        np.array([[p or 0.0] for p in ad_prices], np.float32),
+        np.ones((len(ad_prices), 1), np.int32),
+    )
+    values: list[bytes | None] = [
+        None if price is None else value for value, price in zip(stored, ad_prices, strict=True)
+    ]
+    return PendingLayout(users, ads, user, values, context_blocks(LAYOUT_SPEC, {"hour": 3}))
+
+
+def test_pending_layouts_are_laid_out_together_on_the_thread_beside_ready_inputs(
+    runtime: FakeRuntime, metrics: Metrics
+) -> None:
+    calibration = CountingCalibration(2.0)
+
+    async def scenario() -> None:
+        engine = batcher(metrics, max_batch_rows=64)
+        busy = await occupy(runtime, engine)
+        first = asyncio.ensure_future(
+            engine.score_layout(runtime, calibration.apply, pending(0.25, [1.0, 2.0, None]))
+        )
+        # Inputs already laid out (an OIP request) of the same width, in the same batch.
+        laid_out = ModelInputs(
+            np.array([[7, 0, 0], [8, 0, 0]], np.float32), np.zeros((2, 1), np.int64)
+        )
+        ready = asyncio.ensure_future(
+            engine.predict_calibrated(runtime, calibration.apply, laid_out)
+        )
+        second = asyncio.ensure_future(
+            engine.score_layout(runtime, calibration.apply, pending(0.75, [3.0]))
+        )
+        await asyncio.sleep(0.01)
+        assert engine.queued_rows == 6  # a pending layout counts its candidates as rows
+        runtime.gate.set()
+        await busy
+        (p1, laid1), (_, p_ready), (p2, laid2) = await asyncio.gather(first, ready, second)
+        engine.close()
+        np.testing.assert_array_equal(p1, [0.5, 0.5, 0.5])
+        np.testing.assert_array_equal(p_ready, [14, 16])
+        np.testing.assert_array_equal(p2, [1.5])
+        # Each request's own rows: user, ad price (the default where the ad is missing), hour.
+        np.testing.assert_array_equal(
+            laid1.inputs.dense, [[0.25, 1.0, 3.0], [0.25, 2.0, 3.0], [0.25, -1.0, 3.0]]
+        )
+        np.testing.assert_array_equal(laid2.inputs.dense, [[0.75, 3.0, 3.0]])
+        assert laid1.missing_ads == 1 and laid1.ads_found.tolist() == [True, True, False]
+        assert laid2.missing_ads == 0 and laid2.user_found
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 6]  # one model call for the three requests
+    assert calibration.calls == [6]
 
 
 def test_batches_stop_at_max_batch_rows_and_a_larger_request_runs_alone(
