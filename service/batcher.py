@@ -25,6 +25,11 @@ the cores by inference that cannot raise the throughput any more.
 A request may bring its calibration (`predict_calibrated`): the thread then applies it once to
 the whole batch, where a few numpy calls cost the same for 8 rows as for 256, instead of the
 event loop applying it once per request.
+
+A request may also bring its stored feature values undecoded (`score_layout`): the thread
+decodes and lays out the values of every such request of the batch at once
+(feature_client/batch_layout.py), where the event loop paid a dozen numpy calls per request, and
+each request gets its rows of the batch's inputs back with its probabilities.
 """
 
 from __future__ import annotations
