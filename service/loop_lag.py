@@ -119,7 +119,7 @@ class PatientTimeout:
         self._looks = 0
         self._latest = now + max(self._budget, self._longest)
         self._due = now + self._budget
-        self._look_later = loop.call_at(self._due, self._look)
+        self._look_later: asyncio.Handle = loop.call_at(self._due, self._look)
         return self
 
     async def __aexit__(
