@@ -248,6 +248,15 @@ class ScoringPipeline:
             scores, table = contributions(calibrated, len(inputs))
             top_k = request.explain_top_k or self._settings.explain_top_k
             explanations = top_contributions(occlusion.features, request.ad_ids, table, top_k)
+        elif 2 * len(request.ad_ids) > self._settings.max_batch_rows:
+            # Alone in its batch, or nearly: laid out here, while the inference threads run
+            # other batches. On a thread it would delay its own call, and that thread would wait
+            # for the interpreter lock held by this loop (measured at 256 candidates: 0.94x).
+            _, (laid,) = lay_out([pending])
+            inputs = laid.inputs
+            _, scores = await self.batcher.predict_calibrated(
+                model.runtime, model.calibration.apply, inputs, deadline
+            )
         else:
             # Laid out on the inference thread, together with the rest of its batch.
             scores, laid = await self.batcher.score_layout(

@@ -60,11 +60,12 @@ def _sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def test_scores_follow_candidate_order_and_use_stored_features() -> None:
+@pytest.mark.parametrize("max_batch_rows", [256, 1], ids=["batch layout", "loop layout"])
+async def test_scores_follow_candidate_order_and_use_stored_features(max_batch_rows: int) -> None:
     store = InMemoryFeatureStore()
     await _stored(store)
     runtime = LinearRuntime()
-    pipeline, _ = _pipeline(store, runtime)
+    pipeline, _ = _pipeline(store, runtime, max_batch_rows=max_batch_rows)
     result = await pipeline.score(
         ScoreRequest("u1", ["a2", "a1"], {"device": "android", "hour": 14}, request_id="r-9")
     )
@@ -79,11 +80,12 @@ async def test_scores_follow_candidate_order_and_use_stored_features() -> None:
     assert not result.missing_user and result.missing_ads == [] and not result.degraded
 
 
-async def test_unknown_entities_take_defaults_and_are_reported() -> None:
+@pytest.mark.parametrize("max_batch_rows", [256, 1], ids=["batch layout", "loop layout"])
+async def test_unknown_entities_take_defaults_and_are_reported(max_batch_rows: int) -> None:
     store = InMemoryFeatureStore()
     await _stored(store)
     runtime = LinearRuntime()
-    pipeline, metrics = _pipeline(store, runtime)
+    pipeline, metrics = _pipeline(store, runtime, max_batch_rows=max_batch_rows)
     result = await pipeline.score(ScoreRequest("nobody", ["a1", "ghost", "a2", "ghost2"], {}))
     assert result.missing_user
     assert result.missing_ads == ["ghost", "ghost2"]
@@ -96,20 +98,22 @@ async def test_unknown_entities_take_defaults_and_are_reported() -> None:
     assert _sample(metrics, "adscore_candidates_per_request_count") == 1
 
 
-async def test_values_of_another_schema_are_refused_and_counted() -> None:
+@pytest.mark.parametrize("max_batch_rows", [256, 1], ids=["batch layout", "loop layout"])
+async def test_values_of_another_schema_are_refused_and_counted(max_batch_rows: int) -> None:
     store = InMemoryFeatureStore()
     other = EntityCodec(tiny_spec(schema_version=2), "ad").encode(
         np.array([[9.0]], dtype=np.float32), np.array([[5]], dtype=np.int32)
     )
     await store.write([(store.keys.ad("a1"), other[0])])
-    pipeline, metrics = _pipeline(store, LinearRuntime())
+    pipeline, metrics = _pipeline(store, LinearRuntime(), max_batch_rows=max_batch_rows)
     result = await pipeline.score(ScoreRequest("u1", ["a1"], {}))
     assert result.missing_ads == ["a1"]
     assert _sample(metrics, "adscore_rejected_feature_values_total", entity="ad") == 1
 
 
-async def test_store_failure_degrades_to_defaults() -> None:
-    pipeline, metrics = _pipeline(FailingStore(), LinearRuntime())
+@pytest.mark.parametrize("max_batch_rows", [256, 1], ids=["batch layout", "loop layout"])
+async def test_store_failure_degrades_to_defaults(max_batch_rows: int) -> None:
+    pipeline, metrics = _pipeline(FailingStore(), LinearRuntime(), max_batch_rows=max_batch_rows)
     result = await pipeline.score(ScoreRequest("u1", ["a1", "a2"], {}))
     assert result.degraded
     assert len(result.scores) == 2 and np.all((result.scores > 0) & (result.scores < 1))
