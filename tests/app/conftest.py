@@ -53,12 +53,15 @@ def serving(trained: TrainedFixture, **overrides: Any) -> Iterator[RunningServic
     world = world_of(trained)
     with LocalRedisServer() as redis_server:
         load_features(redis_server.url, world)
+        # Budgets that a slow or busy test machine cannot overrun: the tests here check
+        # answers, and a fetch past the 20 ms default would score on defaults.
+        budgets = {"feature_timeout_ms": 2_000, "request_timeout_ms": 10_000}
         settings = Settings(
             model_repository=trained.repository,
             redis_url=redis_server.url,
             max_candidates=512,
             auth_enabled=False,
-            **overrides,
+            **(budgets | overrides),
         )
         server = LiveServer(create_app(settings))
         server.start()
