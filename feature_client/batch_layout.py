@@ -6,7 +6,9 @@ user's and its ads' values, then copying the user, ad and context blocks side by
 time. Requests merged into one model call are laid out together instead, on the inference
 thread that runs the call: one decode of every user value of the batch, one of every ad value,
 and one copy per block into the batch's matrices, which are the model's input as they are.
-Each request keeps its rows as views of those matrices, with what the decode found.
+Each request keeps its rows as views of those matrices, with what the decode found. (The
+scoring pipeline lays out on the loop a request that fills more than half a batch: alone in its
+call anyway, on the thread it would only delay that call.)
 """
 
 from __future__ import annotations
