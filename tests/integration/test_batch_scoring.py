@@ -217,7 +217,11 @@ def test_csv_with_a_snapshot_scores_like_parquet_with_redis(
     from_csv = pq.read_table(tmp_path / "c")
     assert len(list((tmp_path / "c").glob("part-*.parquet"))) == 4  # 1000+200, 1000+300
     assert from_csv.column("impression_id").to_pylist() == list(range(2_500))
-    np.testing.assert_array_equal(from_csv["score"].to_numpy(), from_parquet["score"].to_numpy())
+    # Chunks of other sizes make model calls of other sizes, whose last bits may differ on some
+    # CPUs; the same features give the same scores well within 1e-6, other features do not.
+    np.testing.assert_allclose(
+        from_csv["score"].to_numpy(), from_parquet["score"].to_numpy(), rtol=0, atol=1e-6
+    )
     assert from_csv["missing_ad"].equals(from_parquet["missing_ad"])
 
 
