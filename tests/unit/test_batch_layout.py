@@ -13,14 +13,17 @@ from feature_client.codec import EntityCodec
 from feature_client.spec import CategoricalFeature, DenseFeature, FeatureSpec
 
 
-def _spec(schema_version: int = 1, ad_dense: int = 2) -> FeatureSpec:
+def _spec(schema_version: int = 1) -> FeatureSpec:
+    """Unlike tests/fixtures.py's tiny_spec: two dense ad features and a dense context one, so
+    that every block of both matrices is repeated or copied."""
     return FeatureSpec(
         schema_version=schema_version,
         features=(
             CategoricalFeature("user_id", "user", hash_buckets=1024),
             DenseFeature("user_activity", "user", default=0.5),
             CategoricalFeature("ad_id", "ad", hash_buckets=2048),
-            *(DenseFeature(f"ad_d{j}", "ad", default=-2.0 - j) for j in range(ad_dense)),
+            DenseFeature("ad_d0", "ad", default=-2.0),
+            DenseFeature("ad_d1", "ad", default=-3.0),
             CategoricalFeature("device", "context", vocabulary=("ios", "android")),
             DenseFeature("hour", "context", default=9.0),
         ),
@@ -132,9 +135,9 @@ def test_one_request_matches_laying_it_out_alone(count: int) -> None:
 
 
 def test_requests_of_another_spec_in_one_batch_are_laid_out_each_with_its_own_codecs() -> None:
-    wider = World(_spec(ad_dense=2), seed=1)  # same widths, other codecs (another version)
+    another = World(_spec(), seed=1)  # same widths, other codecs (another version)
     mine = _requests()[0]
-    theirs = wider.request(wider.user_values[0], wider.ad_values[:3], IOS)
+    theirs = another.request(another.user_values[0], another.ad_values[:3], IOS)
     inputs, laid = lay_out([mine, theirs, mine])
     np.testing.assert_array_equal(
         inputs.dense, np.concatenate([_alone(mine)[0], _alone(theirs)[0], _alone(mine)[0]])
