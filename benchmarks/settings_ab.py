@@ -8,7 +8,10 @@
 
 Each variant is `label:setting=value[,setting=value...]` (settings as in README, Configuration,
 without the ADSCORE_ prefix); `code=REF` serves that variant from git revision REF instead of
-this checkout, to measure a code change (benchmarks/checkouts.py). One private redis-server
+this checkout, to measure a code change (benchmarks/checkouts.py); `server=http_floor` serves
+that variant from the HTTP floor instead (benchmarks/http_floor.py: HTTP and JSON alone, in
+`workers=N` processes), the most any Python service on this uvicorn could serve. One private
+redis-server
 with the harness's population; for each round, each variant gets a fresh `adscore serve`, a
 2 s warm-up, then `--seconds` of Poisson arrivals at `--rate` or, with `--connections`, of a
 closed loop (wrk: maximum throughput). The variants take turns in the opposite order every other
@@ -55,7 +58,31 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
         settings[name] = value
     if not label:
         raise argparse.ArgumentTypeError(f"{text!r}: the variant needs a label")
+    server = settings.get("server", "adscore")
+    if server not in SERVERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: server={server}, expected one of {', '.join(SERVERS)}"
+        )
+    if server == "http_floor" and set(settings) - {"server", "workers"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: the HTTP floor takes only workers=N")
+    if server == "http_floor" and not settings.get("workers", "1").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: workers must be a whole number")
     return label, settings
+
+
+SERVERS = ("adscore", "http_floor")
+
+
+def served(
+    root: Path | None, settings: dict[str, str], args: argparse.Namespace, redis_url: str, log: Path
+) -> servers.Service:
+    """The variant's server: adscore with its settings, or the HTTP floor."""
+    if settings.get("server") == "http_floor":
+        return servers.http_floor(log, int(settings.get("workers", "1")))
+    adscore_settings = {"model_name": args.model} | settings
+    adscore_settings.pop("code", None)
+    adscore_settings.pop("server", None)
+    return servers.adscore_at(root, args.model_repository, redis_url, log, **adscore_settings)
 
 
 def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -79,11 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         redis_pid = redis.process.pid
         for index in range(args.rounds):
             for label, settings in round_order(args.variant, index):
-                log = Path(tmp) / "adscore.log"
-                served = {"model_name": args.model} | settings
-                served.pop("code", None)
-                root = roots.get(label)
-                with servers.adscore_at(root, args.model_repository, redis.url, log, **served) as s:
+                log = Path(tmp) / "server.log"
+                with served(roots.get(label), settings, args, redis.url, log) as s:
                     # Every variant of a round gets the same requests, and the measured ones
                     # are not the warm-up's again (a cache would notice).
                     warm_up, measured = (

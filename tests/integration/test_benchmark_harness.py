@@ -610,7 +610,17 @@ def test_settings_ab_parses_variants_and_refuses_nonsense() -> None:
         {"drift_sample_rate": "0", "max_in_flight": "8"},
     )
     assert settings_ab.parse_variant("defaults:") == ("defaults", {})
-    for wrong in ("no-settings:drift_sample_rate", ":a=1"):
+    assert settings_ab.parse_variant("floor:server=http_floor,workers=2") == (
+        "floor",
+        {"server": "http_floor", "workers": "2"},
+    )
+    for wrong in (
+        "no-settings:drift_sample_rate",
+        ":a=1",
+        "other:server=nginx",  # only adscore and the HTTP floor
+        "floor:server=http_floor,max_in_flight=8",  # the floor has no adscore settings
+        "floor:server=http_floor,workers=two",
+    ):
         with pytest.raises(argparse.ArgumentTypeError):
             settings_ab.parse_variant(wrong)
 
@@ -618,16 +628,20 @@ def test_settings_ab_parses_variants_and_refuses_nonsense() -> None:
 def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
     code = settings_ab.main(
         ["--variant", "off:drift_sample_rate=0", "--variant", "all:drift_sample_rate=1",
-         "--candidates", "8", "--rate", "20", "--rounds", "1", "--seconds", "1",
+         "--variant", "floor:server=http_floor", "--candidates", "8", "--rate", "20",
+         "--rounds", "1", "--seconds", "1",
          "--users", "2000", "--ads", "4000", "--requests", "100", "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
     written = orjson.loads((tmp_path / "settings_ab.json").read_bytes())
     medians = written["medians"]
-    assert [m["variant"] for m in medians] == ["off", "all"]
+    assert [m["variant"] for m in medians] == ["off", "all", "floor"]
     assert all(m["p99_ms"] > 0 and m["rejected"] == 0 for m in medians)
+    # The floor exports no metrics, so none of its answers can be counted as degraded; both
+    # adscore variants can.
+    assert [m["degraded_share"] is None for m in medians] == [False, False, True]
     # Every round's row is kept too, so that other ratios can be derived from the file.
-    assert list(written["rounds"]) == ["off", "all"]
+    assert list(written["rounds"]) == ["off", "all", "floor"]
     for median_row, rows in zip(medians, written["rounds"].values(), strict=True):
         assert [r["requests_per_second"] for r in rows] == [median_row["requests_per_second"]]
 
