@@ -7,12 +7,10 @@ the oldest request and the requests for the same model behind it, up to `max_bat
 become one onnxruntime call, and each request gets its slice of the output.
 
 With `max_delay_us` = 0 nothing waits: a batch leaves as soon as a thread is free, so an idle
-service adds no latency and batches grow by themselves under load. An idle thread is woken at
-the end of the event loop's iteration that enqueued (at once for a full batch): the requests
-that one iteration resumes together, after a coalesced feature read, leave together. A positive
-delay holds a batch smaller than `max_batch_rows` until its oldest request has waited that long:
-larger batches at moderate load, for at most that much latency. `max_batch_rows` = 1 turns
-batching off (one call per request) through the same code.
+service adds no latency and batches grow by themselves under load. A positive delay holds a
+batch smaller than `max_batch_rows` until its oldest request has waited that long: larger
+batches at moderate load, for at most that much latency. `max_batch_rows` = 1 turns batching
+off (one call per request) through the same code.
 
 The inference threads take their batches from the shared queue themselves: a thread whose call
 has finished starts the next batch at once, instead of waiting for a busy event loop to notice
@@ -271,8 +269,6 @@ class _BatchQueue:
         self._queued_rows = 0
         self._closed = False
         self._changed = threading.Condition()  # guards the queue, its row count, _closed, active
-        # The loops with a wake-up of the threads scheduled for the end of their iteration.
-        self._wakes_pending: set[asyncio.AbstractEventLoop] = set()
         self.active = threads  # threads 0..active-1 take batches
         self.threads = [
             threading.Thread(target=self._serve, args=(i,), name=f"inference_{i}", daemon=True)
@@ -312,14 +308,9 @@ class _BatchQueue:
                 )
             self._queue.append(waiting)
             self._count_queued(rows)
-            if self._queued_rows >= self.policy.max_batch_rows:
-                self._wake_threads(1)  # a full batch: nothing to gain by waiting
-            elif loop not in self._wakes_pending:
-                # The other requests this loop iteration enqueues join the same batch: an idle
-                # thread woken now would take this one alone, and take the interpreter lock
-                # from the loop once for it and again for the next.
-                self._wakes_pending.add(loop)
-                loop.call_soon(self._wake_after_iteration, loop)
+            # Enough threads that one allowed to take batches is among them (one, unless some
+            # are paused: those go back to waiting).
+            self._changed.notify(len(self.threads) - self.active + 1)
         try:
             return await waiting.future
         except asyncio.CancelledError:
@@ -328,19 +319,6 @@ class _BatchQueue:
                     self._queue.remove(waiting)
                     self._count_queued(-rows)
             raise
-
-    def _wake_threads(self, batches: int) -> None:
-        """Under the lock: wake enough threads that `batches` allowed to take batches are among
-        them (the paused ones go back to waiting)."""
-        self._changed.notify(len(self.threads) - self.active + batches)
-
-    def _wake_after_iteration(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On `loop`, after the rest of the iteration that enqueued: a thread for each batch
-        that the queued rows make."""
-        with self._changed:
-            self._wakes_pending.discard(loop)
-            if self._queued_rows:
-                self._wake_threads(math.ceil(self._queued_rows / self.policy.max_batch_rows))
 
     def set_active(self, count: int) -> None:
         with self._changed:

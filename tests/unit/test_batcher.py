@@ -453,60 +453,6 @@ def test_a_free_thread_starts_the_next_batch_while_the_event_loop_is_busy(
     assert runtime.calls == [1, 3]
 
 
-def test_requests_enqueued_in_one_loop_iteration_leave_in_one_batch(
-    runtime: FakeRuntime, metrics: Metrics
-) -> None:
-    async def scenario() -> list[npt.NDArray[np.float32]]:
-        engine = batcher(metrics, threads=2, max_batch_rows=64)  # both threads idle
-
-        async def request(i: int) -> npt.NDArray[np.float32]:
-            if i:  # the loop's work between two requests (time for a woken thread to start)
-                threading.Event().wait(0.005)  # blocks the loop, as time.sleep would
-            return await engine.predict(runtime, rows(10 * i, 3))
-
-        # gather starts the five in one iteration, as a coalesced feature read resumes them.
-        results = await asyncio.gather(*(request(i) for i in range(5)))
-        engine.close()
-        return results
-
-    results = asyncio.run(scenario())
-    assert runtime.calls == [15]
-    for i, logits in enumerate(results):
-        np.testing.assert_array_equal(logits, [10 * i, 10 * i + 1, 10 * i + 2])
-
-
-def test_an_idle_thread_is_woken_after_the_loop_iteration_that_enqueued(
-    runtime: FakeRuntime, metrics: Metrics
-) -> None:
-    async def scenario() -> None:
-        engine = batcher(metrics, max_batch_rows=4)
-        queued = asyncio.ensure_future(engine.predict(runtime, rows(0, 1)))
-        await asyncio.sleep(0)  # the request is enqueued in the iteration this resumes in
-        # This iteration goes on (the loop is blocked): the thread is not woken yet.
-        assert not runtime.entered.acquire(timeout=0.2)
-        await asyncio.sleep(0)  # the iteration ends
-        assert await asyncio.to_thread(runtime.entered.acquire, timeout=5)
-        np.testing.assert_array_equal(await queued, [0])
-        engine.close()
-
-    asyncio.run(scenario())
-    assert runtime.calls == [1]
-
-
-def test_a_full_batch_wakes_a_thread_at_once(runtime: FakeRuntime, metrics: Metrics) -> None:
-    async def scenario() -> None:
-        engine = batcher(metrics, max_batch_rows=4)
-        queued = asyncio.ensure_future(engine.predict(runtime, rows(0, 4)))
-        await asyncio.sleep(0)
-        # The loop is blocked in the iteration that enqueued, but the batch is full.
-        assert runtime.entered.acquire(timeout=5)
-        np.testing.assert_array_equal(await queued, [0, 1, 2, 3])
-        engine.close()
-
-    asyncio.run(scenario())
-    assert runtime.calls == [4]
-
-
 class NamingRuntime(FakeRuntime):
     """Records which inference thread ran each call, each call taking a little while."""
 
