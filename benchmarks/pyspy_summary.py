@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("profile", type=Path, help="py-spy record --format raw output")
     parser.add_argument("--top", type=int, default=25, help="rows per table (default 25)")
     args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be at least 1, got {args.top}")
     try:
         with args.profile.open(encoding="utf-8") as lines:
             summary = summarise(lines)

@@ -11,8 +11,7 @@ without the ADSCORE_ prefix); `code=REF` serves that variant from git revision R
 this checkout, to measure a code change (benchmarks/checkouts.py); `server=http_floor` serves
 that variant from the HTTP floor instead (benchmarks/http_floor.py: HTTP and JSON alone, in
 `workers=N` processes), the most any Python service on this uvicorn could serve. One private
-redis-server
-with the harness's population; for each round, each variant gets a fresh `adscore serve`, a
+redis-server with the harness's population; for each round, each variant gets a fresh server, a
 2 s warm-up, then `--seconds` of Poisson arrivals at `--rate` or, with `--connections`, of a
 closed loop (wrk: maximum throughput). The variants take turns in the opposite order every other
 round (A B, B A, A B...): the first of a round tended to do better, whichever it was.

@@ -52,6 +52,14 @@ def test_a_line_that_is_not_a_stack_and_count_is_refused_with_its_number(
     assert "line 2: expected 'frame;frame;... COUNT'" in capsys.readouterr().err
 
 
+def test_a_top_below_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "profile.txt"
+    profile.write_text(PROFILE)
+    with pytest.raises(SystemExit):
+        pyspy_summary.main([str(profile), "--top", "0"])
+    assert "--top must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_the_command_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     profile = tmp_path / "profile.txt"
     profile.write_text(PROFILE)
