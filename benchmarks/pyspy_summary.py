@@ -38,7 +38,7 @@ def leaf_file(frame: str) -> str:
     """'f (service/app.py:12)' -> 'service/app.py'; the whole frame when it names no file."""
     match = FRAME_FILE.search(frame)
     if match is None:
-        return frame or "(unnamed)"
+        return frame
     name = match.group("file")
     return "event loop (native)" if name.endswith(LOOP_NATIVE) else name
 
@@ -56,8 +56,9 @@ def summarise(lines: Iterable[str]) -> dict[str, Samples]:
         frames = stack.split(";")
         group = "threads" if any("(threading.py:" in f for f in frames) else "main"
         by_file, by_frame = groups[group]
-        by_file[leaf_file(frames[-1])] += int(count)
-        by_frame[frames[-1] or "(unnamed)"] += int(count)
+        leaf = frames[-1] or "(unnamed)"
+        by_file[leaf_file(leaf)] += int(count)
+        by_frame[leaf] += int(count)
     return {
         group: Samples(sum(by_file.values()), by_file, by_frame)
         for group, (by_file, by_frame) in groups.items()

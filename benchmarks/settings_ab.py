@@ -41,6 +41,7 @@ from benchmarks.measure import closed_loop_point, open_loop_point
 from feature_client.redis_server import LocalRedisServer
 
 T = TypeVar("T")
+SERVERS = ("adscore", "http_floor")  # what a variant's server= may name
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -62,14 +63,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: server={server}, expected one of {', '.join(SERVERS)}"
         )
-    if server == "http_floor" and set(settings) - {"server", "workers"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: the HTTP floor takes only workers=N")
-    if server == "http_floor" and not settings.get("workers", "1").isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: workers must be a whole number")
+    if server == "http_floor":
+        if set(settings) - {"server", "workers"}:
+            raise argparse.ArgumentTypeError(f"{text!r}: the HTTP floor takes only workers=N")
+        if not settings.get("workers", "1").isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: workers must be a whole number")
     return label, settings
-
-
-SERVERS = ("adscore", "http_floor")
 
 
 def served(
@@ -78,9 +77,10 @@ def served(
     """The variant's server: adscore with its settings, or the HTTP floor."""
     if settings.get("server") == "http_floor":
         return servers.http_floor(log, int(settings.get("workers", "1")))
-    adscore_settings = {"model_name": args.model} | settings
-    adscore_settings.pop("code", None)
-    adscore_settings.pop("server", None)
+    # A variant may name its own model_name; code= and server= are not adscore settings.
+    adscore_settings = {"model_name": args.model} | {
+        k: v for k, v in settings.items() if k not in ("code", "server")
+    }
     return servers.adscore_at(root, args.model_repository, redis_url, log, **adscore_settings)
 
 
