@@ -97,10 +97,12 @@ def open_loop_point(
     payloads = [loadgen.encode_post("/v1/score", c.body) for c in calls]
     counters = service_counters.read_counters(service.port)
     cpu = servers.cpu_seconds(service.pid)
+    loop_cpu = servers.main_thread_cpu_seconds(service.pid)
     result = asyncio.run(
         loadgen.open_loop("127.0.0.1", service.port, payloads, sizes, rate=rate, seconds=seconds)
     )
     server_cpu = servers.cpu_seconds(service.pid) - cpu
+    loop_cpu = servers.main_thread_cpu_seconds(service.pid) - loop_cpu
     return {
         "offered_per_second": rate,
         "requests": result.completed,
@@ -118,6 +120,7 @@ def open_loop_point(
         "generator_late_p99_ms": result.late_ms(99),
         "errors": result.errors,
         "server_cpu_ms_per_request": server_cpu / max(1, result.completed) * 1000,
+        "event_loop_cpu_ms_per_request": loop_cpu / max(1, result.completed) * 1000,
         "generator_cpu_ms_per_request": result.generator_cpu_seconds
         / max(1, result.completed)
         * 1000,

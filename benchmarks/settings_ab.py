@@ -16,9 +16,9 @@ redis-server with the harness's population; for each round, each variant gets a 
 closed loop (wrk: maximum throughput). The variants take turns in the opposite order every other
 round (A B, B A, A B...): the first of a round tended to do better, whichever it was.
 Prints and writes (to --out) the medians over rounds: requests/s, p50, p99, server and
-redis-server CPU per request, refusals, the hot-ad cache's hit rate when it is on, and each
-variant's requests/s over the first's (median of per-round ratios, so that the machine's drift
-cancels out).
+redis-server CPU per request, the event loops' CPU per request and in cores, refusals, the
+hot-ad cache's hit rate when it is on, and each variant's requests/s over the first's (median of
+per-round ratios, so that the machine's drift cancels out).
 """
 
 from __future__ import annotations
@@ -197,6 +197,15 @@ def summary(rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "p99_ms": mid(rows, "p99_ms"),
             "server_cpu_ms_per_request": mid(rows, "server_cpu_ms_per_request"),
             "redis_cpu_ms_per_request": mid(rows, "redis_cpu_ms_per_request"),
+            # The main threads (event loops): one process runs all its Python one thread at a
+            # time, so a loop near a whole core bounds that process's requests/s.
+            "event_loop_cpu_ms_per_request": mid(rows, "event_loop_cpu_ms_per_request"),
+            "event_loop_cores": float(
+                median(
+                    r["event_loop_cpu_ms_per_request"] * r["requests_per_second"] / 1000
+                    for r in rows
+                )
+            ),
             "rejected": mid(rows, "rejected"),
             # Answers on default features (fetch timed out, circuit open): cheap, so a variant
             # that degrades more looks faster than it is.
@@ -252,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {row['p99_ms']:.2f} ms, "
             f"server CPU {row['server_cpu_ms_per_request']:.3f} ms/request, "
             f"Redis CPU {row['redis_cpu_ms_per_request']:.3f} ms/request, "
+            f"event loops {row['event_loop_cpu_ms_per_request']:.3f} ms/request "
+            f"on {row['event_loop_cores']:.2f} cores, "
             f"refused {row['rejected']:.0f}"
             + (
                 f", degraded {row['degraded_share']:.1%}"

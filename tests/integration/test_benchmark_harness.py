@@ -640,6 +640,11 @@ def test_settings_ab_runs_each_variant_on_a_live_server(tmp_path: Path) -> None:
     # The floor exports no metrics, so none of its answers can be counted as degraded; both
     # adscore variants can.
     assert [m["degraded_share"] is None for m in medians] == [False, False, True]
+    # Each variant's event loop is measured (in 10 ms clock ticks: a round of 20 light
+    # requests may show none), and one process's main thread holds at most one core.
+    for m in medians:
+        assert m["event_loop_cpu_ms_per_request"] >= 0
+        assert 0 <= m["event_loop_cores"] <= 1.05
     # Every round's row is kept too, so that other ratios can be derived from the file.
     assert list(written["rounds"]) == ["off", "all", "floor"]
     for median_row, rows in zip(medians, written["rounds"].values(), strict=True):
@@ -752,6 +757,7 @@ def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
                 "p99_ms": 2.0,
                 "server_cpu_ms_per_request": 0.5,
                 "redis_cpu_ms_per_request": 0.1,
+                "event_loop_cpu_ms_per_request": 4.0,
                 "rejected": 0.0,
             }
             for r in rates
@@ -761,6 +767,8 @@ def test_settings_ab_ratio_is_the_median_of_per_round_ratios() -> None:
     table = settings_ab.summary({"a": rounds(100, 100, 50), "b": rounds(110, 120, 60)})
     assert [row["throughput_ratio"] for row in table] == [1.0, pytest.approx(1.2)]
     assert table[1]["requests_per_second"] == 110
+    # 4 ms of event-loop CPU per request at 110, 120 and 60 requests/s: 0.44, 0.48, 0.24 cores.
+    assert table[1]["event_loop_cores"] == pytest.approx(0.44)
 
 
 def test_benchmarks_refuse_a_model_they_cannot_draw_traffic_for(tmp_path: Path) -> None:
