@@ -110,7 +110,9 @@ def _world(args: argparse.Namespace) -> dict[str, int]:
     return world
 
 
-def _load(repository: ModelRepository, name: str, versions: Sequence[int]) -> list[Variant]:
+def _load(
+    repository: ModelRepository, name: str, versions: Sequence[int], *, speed_only: bool = False
+) -> list[Variant]:
     variants = []
     for version in versions:
         metadata = repository.read_metadata(name, version)
@@ -118,7 +120,7 @@ def _load(repository: ModelRepository, name: str, versions: Sequence[int]) -> li
             Variant(metadata.architecture, version, metadata, repository.model_path(name, version))
         )
     baseline = variants[0].metadata
-    for variant in variants[1:]:
+    for variant in [] if speed_only else variants[1:]:
         # Quality deltas are only meaningful on the same world and the same test rows.
         same = ("rows", "test_rows", "seed", "missing_entity_rate")
         if variant.metadata.dataset != baseline.dataset or any(
@@ -312,6 +314,11 @@ def _cpu() -> str:
     return f"{names[0] if names else 'unknown'}, {'with' if vnni else 'no'} VNNI"
 
 
+SPEED_ONLY = [
+    "- Not judged (--speed-only): the versions were trained on different data, so their "
+    "quality columns are each version's own and their deltas mean nothing."
+]
+
 FULL = {"rows": 1_000_000, "validation_rows": 200_000, "calibration_rows": 300_000,
         "test_rows": 500_000, "users": 10_000, "ads": 50_000, "epochs": 2, "noise_seeds": 1,
         "rounds": 60, "calls": 20}  # fmt: skip
@@ -341,6 +348,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--versions", type=int, nargs="+", help="benchmark these versions (first: the baseline)"
     )
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="with --versions: time versions trained on different data; judge no quality",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -348,6 +360,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.versions and not args.repository:
         parser.error("--versions needs --repository")
+    if args.speed_only and not args.versions:
+        parser.error("--speed-only needs --versions")
     if args.out is None:  # a smoke run must not overwrite the results of a full one
         args.out = Path(tempfile.mkdtemp(prefix="variants-quick-")) if args.quick else RESULTS
     return args
@@ -359,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="adscore-variants-") as tmp:
         repository = ModelRepository(args.repository or Path(tmp))
         versions = args.versions or _train_and_publish(args, repository)
-        variants = _load(repository, args.name, versions)
+        variants = _load(repository, args.name, versions, speed_only=args.speed_only)
         inputs = _timing_inputs(variants, args.batch)
         speed = measure_speed(
             variants, inputs, rounds=args.rounds, calls=args.calls, progress=not args.quiet
@@ -378,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calls": args.calls,
         "variants": rows,
         "training_noise_auc": noise,
-        "targets": target_lines(rows, noise),
+        "targets": SPEED_ONLY if args.speed_only else target_lines(rows, noise),
     }
     write_report(result, args.out)
     print((args.out / "variants.md").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,3 +150,30 @@ def test_quick_benchmark_publishes_variants_and_writes_its_table(tmp_path: Path)
         "request_once": True,
     }
     load_version(repository, "pcvr-variants", low_rank.version, Settings())
+
+
+def test_speed_only_times_versions_trained_on_different_data(
+    trained: TrainedFixture, tmp_path: Path
+) -> None:
+    """Quality deltas need the same data; --speed-only times any two versions, judging none."""
+    root = tmp_path / "repository"
+    source = trained.repository / trained.name / str(trained.version)
+    other = root / trained.name / str(trained.version + 1)
+    shutil.copytree(source, root / trained.name / str(trained.version))
+    shutil.copytree(source, other)
+    metadata = json.loads((other / "metadata.json").read_text())
+    metadata["version"] = trained.version + 1
+    metadata["training"]["rows"] += 1
+    (other / "metadata.json").write_text(json.dumps(metadata))
+    argv = ["--repository", str(root), "--name", trained.name, "--quiet", "--rounds", "2",
+            "--calls", "2", "--versions", str(trained.version), str(trained.version + 1),
+            "--out", str(tmp_path / "results")]  # fmt: skip
+    with pytest.raises(SystemExit, match="was not trained on the baseline's data"):
+        bench.main(argv)
+    assert bench.main([*argv, "--speed-only"]) == 0
+    result = json.loads((tmp_path / "results" / "variants.json").read_text())
+    assert [r["version"] for r in result["variants"]] == [trained.version, trained.version + 1]
+    assert all(r["candidates_per_second"] > 0 for r in result["variants"])
+    assert result["targets"] == bench.SPEED_ONLY
+    with pytest.raises(SystemExit):  # nothing to time without --versions
+        bench.parse_args(["--speed-only"])
