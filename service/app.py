@@ -6,6 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -242,6 +243,11 @@ def create_app(settings: Settings, *, store: FeatureStore | None = None) -> Fast
             # collector's generations so full collections under load do not walk them again.
             gc.collect()
             gc.freeze()
+            # An inference thread takes the interpreter lock around each onnxruntime call;
+            # while the event loop holds it, the thread waits a whole switch interval (Python's
+            # default: 5 ms) before asking for it, and that wait lands in the tail.
+            cleanup.callback(sys.setswitchinterval, sys.getswitchinterval())
+            sys.setswitchinterval(settings.switch_interval_us / 1e6)
             logger.info("ready: model %s version %d", plan.name, plan.active.version)
             metrics.process_starts.inc()
             yield

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     max_batch_delay_us: int = Field(0, ge=0, le=100_000)
     """How long a batch smaller than max_batch_rows may wait for more requests. 0: it leaves as
     soon as an inference thread is free (no added latency; batches still form under load)."""
+    switch_interval_us: int = Field(200, ge=10, le=100_000)
+    """The interpreter's switch interval (sys.setswitchinterval): how long an inference thread
+    waits for the event loop to let go of the interpreter lock before asking for it. Python's
+    default, 5000, added to the latency tail at 70 % load (see BENCHMARKS.md)."""
     max_queued_rows: int = Field(8192, ge=1)
     """Candidate rows that may wait for an inference thread; a request that would exceed it is
     answered 503 with Retry-After at once."""

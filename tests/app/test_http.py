@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.app.conftest import RunningService
+from tests.app.conftest import RunningService, serving
+from tests.conftest import TrainedFixture
 
 VALID = b'{"user_id": "u1", "candidates": [{"ad_id": "a1"}]'  # an object left open
 
@@ -160,3 +162,13 @@ def test_model_names_outside_the_allowed_characters_are_422(client: httpx.Client
     response = client.get("/v1/models/bad name!")
     assert response.status_code == 422
     assert "name" in response.json()["error"]["message"]
+
+
+def test_the_switch_interval_holds_while_serving_and_is_restored_after(
+    trained: TrainedFixture,
+) -> None:
+    before = sys.getswitchinterval()
+    with serving(trained, switch_interval_us=300) as running:
+        assert sys.getswitchinterval() == pytest.approx(300e-6)
+        assert httpx.get(f"{running.url}/healthz", timeout=10).status_code == 200
+    assert sys.getswitchinterval() == pytest.approx(before, abs=2e-6)  # kept in whole µs

@@ -85,6 +85,7 @@ def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatc
         ("ADSCORE_INFERENCE_THREADS", "0", "inference_threads"),
         ("ADSCORE_FEATURE_TIMEOUT_MS", "0", "feature_timeout_ms"),
         ("ADSCORE_MAX_BODY_BYTES", "100", "max_body_bytes"),
+        ("ADSCORE_SWITCH_INTERVAL_US", "0", "switch_interval_us"),
     ],
 )
 def test_invalid_environment_value_names_the_field(
