@@ -62,9 +62,16 @@ def headline(results: dict[str, Any]) -> list[str]:
         )
     at70 = next(p for p in ours["open_loop"] if p["load"] == 0.7)
     unloaded = ours["unloaded"]["p50_ms"]
+    latency_rounds = ours.get("latency_rounds") or []  # absent from single-curve reports
     lines.append(
         f"- Latency at 70 % load: p99 {at70['p99_ms']:.1f} ms = "
-        f"{_ratio(at70['p99_ms'], unloaded)} the unloaded p50 ({unloaded:.1f} ms)."
+        f"{_ratio(at70['p99_ms'], unloaded)} the unloaded p50 ({unloaded:.1f} ms)"
+        + (
+            f"; the median of {len(latency_rounds)} rounds' ratios "
+            f"({', '.join(format(r['ratio'], '.2f') + 'x' for r in latency_rounds)})."
+            if len(latency_rounds) > 1
+            else "."
+        )
     )
     at150 = next(p for p in ours["open_loop"] if p["load"] == 1.5)
     shed = at150["rejected"]
@@ -109,6 +116,7 @@ def _table(name: str, contender: dict[str, Any]) -> list[str]:
         f"Unloaded (20 requests/s): p50 {contender['unloaded']['p50_ms']:.2f} ms, "
         f"p99 {contender['unloaded']['p99_ms']:.2f} ms.",
         "",
+        *_latency_rounds(contender.get("latency_rounds") or []),
         "| load | offered/s | done/s | candidates/s | p50 ms | p95 ms | p99 ms | rejected | "
         "degraded | server CPU ms/req | generator CPU ms/req |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -122,6 +130,24 @@ def _table(name: str, contender: dict[str, Any]) -> list[str]:
             f"| {p.get('generator_cpu_ms_per_request', float('nan')):.2f} |"
         )
     return [*rows, ""]
+
+
+def _latency_rounds(rounds: list[dict[str, Any]]) -> list[str]:
+    """Every round's p99s, when the curve was measured more than once."""
+    if len(rounds) < 2:
+        return []
+    loads = list(rounds[0]["p99_ms"])
+    by_load = "; ".join(
+        f"{float(load):.0%}: " + " / ".join(f"{r['p99_ms'][load]:.1f}" for r in rounds)
+        for load in loads
+    )
+    unloaded = " / ".join(f"{r['unloaded_p50_ms']:.2f}" for r in rounds)
+    return [
+        f"The open-loop curve ran in {len(rounds)} rounds, each after its own unloaded point; "
+        "the table and the stages below are the round of the median p99-at-70 % ratio. "
+        f"p99 ms by round: {by_load}. Unloaded p50 ms: {unloaded}.",
+        "",
+    ]
 
 
 STAGE_COLUMNS = (

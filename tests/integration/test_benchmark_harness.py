@@ -37,7 +37,7 @@ from benchmarks import (
     settings_ab,
     wrk,
 )
-from benchmarks.__main__ import median_index
+from benchmarks.__main__ import latency_ratio, median_index, median_latency_round
 from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.naive_service import build_app
@@ -250,10 +250,32 @@ def test_serving_efficiency_is_the_median_of_the_alternated_rounds() -> None:
     assert median_index([5.0]) == 0
 
 
+def test_latency_is_shown_from_the_round_of_the_median_ratio(tmp_path: Path) -> None:
+    rounds = [_contender(90_000.0, p99) for p99 in (12.0, 6.0, 8.0, 30.0)]
+    rounds[1]["unloaded"]["p50_ms"] = 1.0  # 6.0 / 1.0: this round's ratio is the highest
+    assert [latency_ratio(r) for r in rounds] == [6.0, 6.0, 4.0, 15.0]
+    shown = median_latency_round(rounds)
+    assert shown["open_loop"] is rounds[0]["open_loop"]  # the lower of the middle two (6, 6)
+    assert shown["unloaded"] is rounds[0]["unloaded"]
+    assert [r["ratio"] for r in shown["latency_rounds"]] == [6.0, 6.0, 4.0, 15.0]
+    assert shown["latency_rounds"][3]["p99_ms"]["0.7"] == 30.0
+    adscore = _contender(90_000.0, 8.0) | median_latency_round(rounds[2:3] + rounds[:2])
+    lines = headline(_results(adscore))
+    assert "p99 12.0 ms = 6.00x the unloaded p50 (2.0 ms)" in lines[1]
+    assert "the median of 3 rounds' ratios (4.00x, 6.00x, 6.00x)" in lines[1]
+    report = write_report(_results(adscore), tmp_path).read_text()
+    assert "p99 ms by round: 30%: 10.0 / 10.0 / 10.0; 50%: 10.0 / 10.0 / 10.0; " in report
+    assert "70%: 8.0 / 12.0 / 6.0;" in report and "Unloaded p50 ms: 2.00 / 2.00 / 1.00." in report
+    single = _contender(90_000.0, 8.0) | median_latency_round(rounds[:1])
+    assert headline(_results(single))[1].endswith("the unloaded p50 (2.0 ms).")
+    assert "by round" not in write_report(_results(single), tmp_path).read_text()
+
+
 def test_the_harness_runs_end_to_end_and_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "report"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--skip-naive", "--seconds", "1",
-               "--candidates", "16", "--rounds", "2", "--out", str(out)]  # fmt: skip
+               "--candidates", "16", "--rounds", "2", "--latency-rounds", "2",
+               "--out", str(out)]  # fmt: skip
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())  # NaN where nothing was refused
@@ -267,9 +289,12 @@ def test_the_harness_runs_end_to_end_and_writes_every_section(tmp_path: Path) ->
     assert results["in_process"]["requests_per_second"] > 0
     assert [p["load"] for p in results["adscore"]["open_loop"]] == [0.3, 0.5, 0.7, 0.9, 1.5]
     assert results["adscore"]["closed_loop"]["degraded_share"] is not None
+    ratios = [r["ratio"] for r in results["adscore"]["latency_rounds"]]
+    assert len(ratios) == 2 and latency_ratio(results["adscore"]) == min(ratios)
     report = (out / "report.md").read_text()
     for section in ("## Headline", "## In-process limit", "## HTTP floor", "### adscore",
-                    "#### Where the time goes", "the median of 2 alternated rounds"):  # fmt: skip
+                    "#### Where the time goes", "the median of 2 alternated rounds",
+                    "the median of 2 rounds' ratios", "p99 ms by round"):  # fmt: skip
         assert section in report
 
 
