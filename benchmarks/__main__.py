@@ -82,11 +82,14 @@ def latency_ratio(latency_round: dict[str, Any]) -> float:
 
 
 def _summary(latency_round: dict[str, Any]) -> dict[str, Any]:
-    """What the report lists of every round: the ratio and each point's p99."""
+    """What the report lists of every round: the ratio, each point's p99, and how fast the
+    refusals at 150 % arrived (the overload target)."""
+    at150 = next(p for p in latency_round["open_loop"] if p["load"] == 1.5)
     return {
         "ratio": latency_ratio(latency_round),
         "unloaded_p50_ms": latency_round["unloaded"]["p50_ms"],
         "p99_ms": {str(p["load"]): p["p99_ms"] for p in latency_round["open_loop"]},
+        "refusal_p99_to_arrival_ms_at_150": at150.get("rejected_p99_server_ms"),
     }
 
 

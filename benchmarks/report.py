@@ -142,10 +142,12 @@ def _latency_rounds(rounds: list[dict[str, Any]]) -> list[str]:
         for load in loads
     )
     unloaded = " / ".join(f"{r['unloaded_p50_ms']:.2f}" for r in rounds)
+    refusals = " / ".join(_ms(r.get("refusal_p99_to_arrival_ms_at_150")) for r in rounds)
     return [
         f"The open-loop curve ran in {len(rounds)} rounds, each after its own unloaded point; "
         "the table and the stages below are the round of the median p99-at-70 % ratio. "
-        f"p99 ms by round: {by_load}. Unloaded p50 ms: {unloaded}.",
+        f"p99 ms by round: {by_load}. Unloaded p50 ms: {unloaded}. A refusal's p99 at 150 %, "
+        f"to its arrival at the socket, ms: {refusals}.",
         "",
     ]
 

@@ -253,6 +253,8 @@ def test_serving_efficiency_is_the_median_of_the_alternated_rounds() -> None:
 def test_latency_is_shown_from_the_round_of_the_median_ratio(tmp_path: Path) -> None:
     rounds = [_contender(90_000.0, p99) for p99 in (12.0, 6.0, 8.0, 30.0)]
     rounds[1]["unloaded"]["p50_ms"] = 1.0  # 6.0 / 1.0: this round's ratio is the highest
+    rounds[0]["open_loop"][-1]["rejected_p99_server_ms"] = 3.5
+    rounds[2]["open_loop"][-1]["rejected_p99_server_ms"] = float("nan")  # nothing refused
     assert [latency_ratio(r) for r in rounds] == [6.0, 6.0, 4.0, 15.0]
     shown = median_latency_round(rounds)
     assert shown["open_loop"] is rounds[0]["open_loop"]  # the lower of the middle two (6, 6)
@@ -266,6 +268,7 @@ def test_latency_is_shown_from_the_round_of_the_median_ratio(tmp_path: Path) -> 
     report = write_report(_results(adscore), tmp_path).read_text()
     assert "p99 ms by round: 30%: 10.0 / 10.0 / 10.0; 50%: 10.0 / 10.0 / 10.0; " in report
     assert "70%: 8.0 / 12.0 / 6.0;" in report and "Unloaded p50 ms: 2.00 / 2.00 / 1.00." in report
+    assert "at 150 %, to its arrival at the socket, ms: n/a / 3.5 / n/a." in report
     single = _contender(90_000.0, 8.0) | median_latency_round(rounds[:1])
     assert headline(_results(single))[1].endswith("the unloaded p50 (2.0 ms).")
     assert "by round" not in write_report(_results(single), tmp_path).read_text()
