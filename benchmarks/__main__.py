@@ -30,7 +30,7 @@ import orjson
 
 from benchmarks import inprocess, population, servers
 from benchmarks.measure import closed_loop_point, open_loop_point
-from benchmarks.report import write_report
+from benchmarks.report import latency_ratio, point_at, write_report
 from feature_client.redis_server import LocalRedisServer
 from service.cli import positive_int
 
@@ -74,17 +74,10 @@ def median_latency_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {**shown, "latency_rounds": [_summary(r) for r in rounds]}
 
 
-def latency_ratio(latency_round: dict[str, Any]) -> float:
-    """The p99 at 70 % load over the same round's unloaded p50 (the issue's latency target)."""
-    at70 = next(p for p in latency_round["open_loop"] if p["load"] == 0.7)
-    unloaded = float(latency_round["unloaded"]["p50_ms"])
-    return float(at70["p99_ms"]) / unloaded if unloaded else float("inf")
-
-
 def _summary(latency_round: dict[str, Any]) -> dict[str, Any]:
     """What the report lists of every round: the ratio, each point's p99, and how fast the
     refusals at 150 % arrived (the overload target)."""
-    at150 = next(p for p in latency_round["open_loop"] if p["load"] == 1.5)
+    at150 = point_at(latency_round, 1.5)
     return {
         "ratio": latency_ratio(latency_round),
         "unloaded_p50_ms": latency_round["unloaded"]["p50_ms"],

@@ -20,6 +20,18 @@ def serving_efficiency(results: dict[str, Any]) -> float:
     return closed / limit if limit else 0.0
 
 
+def point_at(contender: dict[str, Any], load: float) -> dict[str, Any]:
+    """The open-loop point at `load` (a share of the closed-loop maximum)."""
+    point: dict[str, Any] = next(p for p in contender["open_loop"] if p["load"] == load)
+    return point
+
+
+def latency_ratio(contender: dict[str, Any]) -> float:
+    """The p99 at 70 % load over the unloaded p50 (the issue's latency target)."""
+    unloaded = float(contender["unloaded"]["p50_ms"])
+    return float(point_at(contender, 0.7)["p99_ms"]) / unloaded if unloaded else float("inf")
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
@@ -60,7 +72,7 @@ def headline(results: dict[str, Any]) -> list[str]:
                 "request per call."
             )
         )
-    at70 = next(p for p in ours["open_loop"] if p["load"] == 0.7)
+    at70 = point_at(ours, 0.7)
     unloaded = ours["unloaded"]["p50_ms"]
     latency_rounds = ours.get("latency_rounds") or []  # absent from single-curve reports
     lines.append(
@@ -73,7 +85,7 @@ def headline(results: dict[str, Any]) -> list[str]:
             else "."
         )
     )
-    at150 = next(p for p in ours["open_loop"] if p["load"] == 1.5)
+    at150 = point_at(ours, 1.5)
     shed = at150["rejected"]
     lines.append(
         f"- At 150 % load: {shed} requests shed"
@@ -94,7 +106,7 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"- Versus the naive service: {speedup} "
             f"candidates/s at saturation; at 70 % of each one's own maximum, p99 "
             f"{at70['p99_ms']:.1f} ms vs "
-            f"{next(p for p in naive['open_loop'] if p['load'] == 0.7)['p99_ms']:.1f} ms."
+            f"{point_at(naive, 0.7)['p99_ms']:.1f} ms."
         )
     return lines
 

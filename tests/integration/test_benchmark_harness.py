@@ -37,11 +37,11 @@ from benchmarks import (
     settings_ab,
     wrk,
 )
-from benchmarks.__main__ import latency_ratio, median_index, median_latency_round
+from benchmarks.__main__ import median_index, median_latency_round
 from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.naive_service import build_app
-from benchmarks.report import headline, serving_efficiency, write_report
+from benchmarks.report import headline, latency_ratio, serving_efficiency, write_report
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
 from service.app import create_app
 from service.registry import load_version
