@@ -10,6 +10,8 @@ Sharing the cores, the generator is also late to *read* a reply: its event loop 
 socket only after its other work. So the open loop also times each reply by the kernel's
 receive timestamp (SO_TIMESTAMPNS on Linux): from the request's write to its reply's arrival
 at the socket is the server's own response time, whatever the generator was doing then.
+
+The generator pauses Python's cyclic garbage collector while it measures (collector.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from benchmarks.collector import collector_paused
 
 Span = Literal["intended", "sent", "server"]
 """What an open-loop latency spans: from the intended send time to the reply read by the
@@ -270,6 +274,18 @@ async def closed_loop(
     seconds: float,
 ) -> LoadResult:
     """`connections` clients, each sending its next request as soon as the last one answers."""
+    with collector_paused():
+        return await _closed_loop(host, port, payloads, sizes, connections, seconds)
+
+
+async def _closed_loop(
+    host: str,
+    port: int,
+    payloads: Sequence[bytes],
+    sizes: Sequence[int],
+    connections: int,
+    seconds: float,
+) -> LoadResult:
     result = LoadResult(seconds)
     cpu = time.process_time()
     deadline = time.perf_counter() + seconds
@@ -309,6 +325,20 @@ async def open_loop(
     seed: int = 0,
 ) -> LoadResult:
     """Poisson arrivals at `rate` per second; latency measured from each intended send time."""
+    with collector_paused():
+        return await _open_loop(host, port, payloads, sizes, rate, seconds, max_connections, seed)
+
+
+async def _open_loop(
+    host: str,
+    port: int,
+    payloads: Sequence[bytes],
+    sizes: Sequence[int],
+    rate: float,
+    seconds: float,
+    max_connections: int,
+    seed: int,
+) -> LoadResult:
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.2) + 10))
     arrivals = arrivals[arrivals < seconds]

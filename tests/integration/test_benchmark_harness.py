@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import gc
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from benchmarks import (
     wrk,
 )
 from benchmarks.__main__ import median_index, median_latency_round
+from benchmarks.collector import collector_paused
 from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.naive_service import build_app
@@ -93,6 +95,7 @@ class SlowServer:
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.lock = asyncio.Lock()
+        self.collector_enabled: list[bool] = []  # at each request: in the generator's process
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -100,6 +103,7 @@ class SlowServer:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
+                self.collector_enabled.append(gc.isenabled())
                 async with self.lock:
                     await asyncio.sleep(self.delay)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
@@ -110,8 +114,10 @@ class SlowServer:
             writer.close()
 
 
-async def _against_slow_server(kind: str, max_connections: int = 256) -> loadgen.LoadResult:
-    server = SlowServer(delay=0.02)
+async def _against_slow_server(
+    kind: str, max_connections: int = 256, server: SlowServer | None = None
+) -> loadgen.LoadResult:
+    server = server or SlowServer(delay=0.02)
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     payloads = [loadgen.encode_post("/v1/score", b'{"a": 1}')]
@@ -137,6 +143,31 @@ def test_open_loop_charges_queueing_to_latency_but_closed_loop_does_not() -> Non
     assert opened.completed > 60
     assert opened.percentile_ms(99) > 500
     assert opened.percentile_ms(50) > 5 * closed.percentile_ms(50)
+
+
+@pytest.mark.parametrize("kind", ["open", "closed"])
+def test_the_generator_measures_with_the_garbage_collector_paused(kind: str) -> None:
+    """A full collection in the harness's process would stall the generator mid-measurement."""
+    server = SlowServer(delay=0.001)
+    assert gc.isenabled()
+    result = asyncio.run(_against_slow_server(kind, server=server))
+    assert result.ok > 10
+    assert server.collector_enabled and not any(server.collector_enabled)
+    assert gc.isenabled()  # back on after the measurement
+
+
+def test_a_paused_collector_is_restored_as_it_was_even_on_failure() -> None:
+    with pytest.raises(RuntimeError), collector_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("a failed measurement")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # left off: it was off before
+    finally:
+        gc.enable()
 
 
 def test_naive_service_scores_like_adscore(redis_url: str, world: SyntheticWorld) -> None:
