@@ -160,7 +160,8 @@ async def mirror_metrics(mirror: MultiprocessMirror, every_seconds: float, what:
 
 
 def on_overload(pipeline: ScoringPipeline, settings: Settings, overloaded: bool) -> None:
-    """Under sustained overload, fewer inference threads (overload_inference_threads)."""
+    """Under sustained overload, overload_inference_threads of the inference threads (all by
+    default) take batches."""
     threads = settings.overload_inference_threads if overloaded else settings.inference_threads
     pipeline.batcher.use_threads(threads)
     logger.info(

@@ -504,8 +504,8 @@ def test_sustained_overload_leaves_overload_inference_threads_taking_batches(
         on_overload(pipeline, settings, False)
         assert engine.active_threads == 2
     assert "sustained overload: 1 of 2 inference threads take batches" in caplog.text
-    on_overload(pipeline, settings.model_copy(update={"overload_inference_threads": 64}), True)
-    assert engine.active_threads == 2  # the GPU overlay's setting keeps them all
+    on_overload(pipeline, Settings(inference_threads=2), True)
+    assert engine.active_threads == 2  # the default keeps them all
     engine.close()
 
 
