@@ -2,8 +2,9 @@
 
 The load generator and the in-process limit run in the harness's process, beside the
 synthetic world's hundreds of thousands of objects. A full collection there stalled the open
-loop's generator for 65-100 ms once every 10-20 s (AMD EPYC): every request due meanwhile was
-written that late, a few dozen requests, enough to set a 10 s point's p99 by itself. adscore's
+loop's generator for about 70 ms, about every 27 s at 480 requests/s (AMD EPYC): every request
+due meanwhile was written that late, a few dozen requests, enough to set a 10 s point's p99 by
+itself (BENCHMARKS.md, "The load generator's garbage collector"). adscore's
 own process does not pay this: it freezes its start-up objects out of the collector's reach
 (gc.freeze).
 """
