@@ -23,12 +23,15 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from benchmarks import inprocess, population, servers
+from benchmarks.inprocess_latency import in_process_latency
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.report import latency_ratio, point_at, write_report
 from feature_client.redis_server import LocalRedisServer
@@ -44,14 +47,21 @@ def _contender(
     folder: Path,
     args: argparse.Namespace,
     closed: dict[str, Any] | None = None,
+    floor: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The closed loop (unless measured already) and the open-loop curve at shares of it, in
-    --latency-rounds rounds; the curve shown is the round of the median latency ratio."""
+    --latency-rounds rounds; the curve shown is the round of the median latency ratio. Each
+    round starts with `floor` when given: the in-process latency floor, measured beside it."""
     if closed is None:
         closed = _closed_loop(name, service, calls, folder, args)
     rounds = []
     for index in range(args.latency_rounds):
         print(f"{name}: latency round {index + 1}/{args.latency_rounds}", flush=True)
+        measured: dict[str, Any] = {}
+        if floor is not None:
+            print("in-process latency floor (no HTTP): unloaded and at 70 %", flush=True)
+            measured["in_process_latency"] = floor()
+            print(f"  {measured['in_process_latency']['ratio']:.2f}x", flush=True)
         # A lone request: the unloaded latency the same round's load points are compared with.
         unloaded = open_loop_point(service, calls, 20.0, min(args.seconds, 5.0))
         curve = []
@@ -62,7 +72,7 @@ def _contender(
             print(
                 f"  p50 {curve[-1]['p50_ms']:.1f} ms, p99 {curve[-1]['p99_ms']:.1f} ms", flush=True
             )
-        rounds.append({"open_loop": curve, "unloaded": unloaded})
+        rounds.append({"open_loop": curve, "unloaded": unloaded, **measured})
     return {"closed_loop": closed, **median_latency_round(rounds)}
 
 
@@ -83,6 +93,7 @@ def _summary(latency_round: dict[str, Any]) -> dict[str, Any]:
         "unloaded_p50_ms": latency_round["unloaded"]["p50_ms"],
         "p99_ms": {str(p["load"]): p["p99_ms"] for p in latency_round["open_loop"]},
         "refusal_p99_to_arrival_ms_at_150": at150.get("rejected_p99_server_ms"),
+        "in_process_latency": latency_round.get("in_process_latency"),
     }
 
 
@@ -212,8 +223,21 @@ def main() -> int:
             middle = median_index(ratios)
             results["in_process"] = limits[middle]
             results["efficiency_rounds"] = ratios
+            latency_floor = None
+            if args.workers == 1:  # the in-process pipeline in one process, as adscore's
+                latency_floor = partial(
+                    in_process_latency,
+                    args.model_repository,
+                    args.model,
+                    redis.url,
+                    calls,
+                    contexts,
+                    threads=2,
+                    loaded_rate=0.7 * limits[middle]["requests_per_second"],
+                    seconds=args.seconds,
+                )
             results["adscore"] = _contender(
-                "adscore", service, calls, folder, args, closed_loops[middle]
+                "adscore", service, calls, folder, args, closed_loops[middle], latency_floor
             )
         if not args.skip_naive:
             with servers.naive(

@@ -27,6 +27,37 @@ from service.repository import ModelRepository
 from service.settings import Settings
 
 
+class InProcessScorer:
+    """The harness's requests scored without HTTP: MGET, decode, assembly, onnxruntime."""
+
+    def __init__(
+        self,
+        repository: Path,
+        model_name: str,
+        calls: Sequence[ScoreCall],
+        contexts: Sequence[dict[str, str | int | float]],
+    ) -> None:
+        repo = ModelRepository(repository)
+        self._model = load_version(repo, model_name, repo.active_version(model_name), Settings())
+        keys = KeyLayout("adscore")
+        self._keys = [[keys.user(c.user_id), *(keys.ad(a) for a in c.ad_ids)] for c in calls]
+        self._contexts = [context_blocks(self._model.spec, c) for c in contexts]
+
+    def score(self, client: redis.Redis, index: int) -> int:
+        """Score request `index` (modulo the requests) with `client`; its candidates."""
+        model = self._model
+        values: list[bytes | None] = client.mget(self._keys[index % len(self._keys)])  # type: ignore[assignment]
+        n = len(values) - 1
+        user = model.user_codec.decode(values[:1])
+        ads = model.ad_codec.decode(values[1:])
+        context_dense, context_ids = self._contexts[index % len(self._contexts)]
+        inputs = assemble_inputs(
+            n, [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
+        )
+        model.score(inputs)
+        return n
+
+
 def _measure(
     repository: Path,
     model_name: str,
@@ -40,11 +71,7 @@ def _measure(
 ) -> dict[str, float]:
     """One process's rates and CPU over `seconds` (from the wall-clock time `start_at`, when
     given, so that several processes measure together)."""
-    repo = ModelRepository(repository)
-    model = load_version(repo, model_name, repo.active_version(model_name), Settings())
-    keys = KeyLayout("adscore")
-    key_lists = [[keys.user(c.user_id), *(keys.ad(a) for a in c.ad_ids)] for c in calls]
-    context_arrays = [context_blocks(model.spec, c) for c in contexts]
+    scorer = InProcessScorer(repository, model_name, calls, contexts)
     done = [0] * threads
     candidates = [0] * threads
     if start_at is not None:
@@ -55,17 +82,8 @@ def _measure(
         client = redis.Redis.from_url(redis_url)
         i = index
         while time.perf_counter() < deadline:
-            values: list[bytes | None] = client.mget(key_lists[i % len(calls)])  # type: ignore[assignment]
-            n = len(values) - 1
-            user = model.user_codec.decode(values[:1])
-            ads = model.ad_codec.decode(values[1:])
-            context_dense, context_ids = context_arrays[i % len(calls)]
-            inputs = assemble_inputs(
-                n, [user.dense, ads.dense, context_dense], [user.ids, ads.ids, context_ids]
-            )
-            model.score(inputs)
+            candidates[index] += scorer.score(client, i)
             done[index] += 1
-            candidates[index] += n
             i += threads
         client.close()
 

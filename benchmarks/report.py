@@ -85,6 +85,7 @@ def headline(results: dict[str, Any]) -> list[str]:
             else "."
         )
     )
+    lines += _latency_floor(latency_rounds, latency_ratio(ours))
     at150 = point_at(ours, 1.5)
     shed = at150["rejected"]
     lines.append(
@@ -109,6 +110,30 @@ def headline(results: dict[str, Any]) -> list[str]:
             f"{point_at(naive, 0.7)['p99_ms']:.1f} ms."
         )
     return lines
+
+
+def _latency_floor(latency_rounds: list[dict[str, Any]], ours: float) -> list[str]:
+    """The in-process latency floor's line: the round of its median ratio, and every round's
+    (absent from runs without it, as with several workers)."""
+    floors = [r["in_process_latency"] for r in latency_rounds if r.get("in_process_latency")]
+    if not floors:
+        return []
+    ratios = [f["ratio"] for f in floors]
+    shown = floors[sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]]
+    loaded, unloaded = shown["loaded"], shown["unloaded"]
+    return [
+        f"- Latency floor without HTTP: the in-process pipeline on its threads, fed Poisson "
+        f"arrivals at 70 % of the in-process limit ({loaded['offered_per_second']:.0f}/s): p99 "
+        f"{loaded['p99_ms']:.1f} ms = {shown['ratio']:.2f}x its unloaded p50 "
+        f"({unloaded['p50_ms']:.1f} ms)"
+        + (
+            f"; the median of {len(floors)} rounds ({', '.join(f'{r:.2f}x' for r in ratios)}), "
+            "each measured just before adscore's round"
+            if len(floors) > 1
+            else ""
+        )
+        + f". adscore's ratio is {ours / shown['ratio']:.2f}x this floor's."
+    ]
 
 
 def _table(name: str, contender: dict[str, Any]) -> list[str]:

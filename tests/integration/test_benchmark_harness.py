@@ -29,6 +29,7 @@ from benchmarks import (
     drift_cost,
     explain,
     inprocess,
+    inprocess_latency,
     loadgen,
     log_reading,
     population,
@@ -305,6 +306,52 @@ def test_latency_is_shown_from_the_round_of_the_median_ratio(tmp_path: Path) -> 
     assert "by round" not in write_report(_results(single), tmp_path).read_text()
 
 
+def _floor(p99_at_70: float, unloaded_p50: float) -> dict[str, Any]:
+    return {
+        "unloaded": {"offered_per_second": 20.0, "p50_ms": unloaded_p50, "p99_ms": 9.0},
+        "loaded": {"offered_per_second": 280.0, "p50_ms": 3.0, "p99_ms": p99_at_70},
+        "ratio": p99_at_70 / unloaded_p50,
+    }
+
+
+def test_the_latency_floor_is_shown_from_the_round_of_its_median_ratio() -> None:
+    rounds = [_contender(90_000.0, p99) for p99 in (12.0, 6.0, 8.0)]
+    for latency_round, floor in zip(
+        rounds, (_floor(20.0, 2.0), _floor(9.0, 3.0), _floor(12.0, 2.0)), strict=True
+    ):
+        latency_round["in_process_latency"] = floor
+    adscore = _contender(90_000.0, 8.0) | median_latency_round(rounds)
+    line = next(x for x in headline(_results(adscore)) if x.startswith("- Latency floor"))
+    # Floors 10x, 3x, 6x: the median is 6x (12.0 / 2.0); adscore's shown ratio is 4x (8 / 2).
+    assert "(280/s): p99 12.0 ms = 6.00x its unloaded p50 (2.0 ms)" in line
+    assert "the median of 3 rounds (10.00x, 3.00x, 6.00x)" in line
+    assert line.endswith("adscore's ratio is 0.67x this floor's.")
+    without = _contender(90_000.0, 8.0) | median_latency_round(
+        [_contender(90_000.0, 8.0)]
+    )  # several workers: no floor measured
+    assert not any(x.startswith("- Latency floor") for x in headline(_results(without)))
+
+
+def test_the_in_process_latency_floor_counts_queueing_from_each_arrival(
+    redis_url: str, world: SyntheticWorld
+) -> None:
+    population.load_population(redis_url, world, DEMO.read_metadata("pcvr", 1).spec())
+    calls = population.request_mix(world, 40, candidates=16)
+    contexts = [orjson.loads(c.body)["context"] for c in calls]
+    floor = inprocess_latency.in_process_latency(
+        DEMO.root, "pcvr", redis_url, calls, contexts, threads=1, loaded_rate=20_000.0,
+        seconds=0.5, unloaded_rate=50.0,
+    )  # fmt: skip
+    unloaded, loaded = floor["unloaded"], floor["loaded"]
+    assert 15 <= unloaded["requests"] <= 40  # about 50/s for 0.5 s, each one scored
+    # Far more arrivals than one thread scores: the queue grows all along, and the last
+    # request waits for nearly everything before it.
+    assert loaded["requests"] > 5_000
+    assert loaded["requests_per_second"] < 0.5 * loaded["offered_per_second"]
+    assert loaded["p99_ms"] > 20 * unloaded["p50_ms"]
+    assert floor["ratio"] == pytest.approx(loaded["p99_ms"] / unloaded["p50_ms"])
+
+
 def test_the_harness_runs_end_to_end_and_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "report"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--skip-naive", "--seconds", "1",
@@ -328,7 +375,8 @@ def test_the_harness_runs_end_to_end_and_writes_every_section(tmp_path: Path) ->
     report = (out / "report.md").read_text()
     for section in ("## Headline", "## In-process limit", "## HTTP floor", "### adscore",
                     "#### Where the time goes", "the median of 2 alternated rounds",
-                    "the median of 2 rounds' ratios", "p99 ms by round"):  # fmt: skip
+                    "the median of 2 rounds' ratios", "p99 ms by round",
+                    "Latency floor without HTTP", "the median of 2 rounds ("):  # fmt: skip
         assert section in report
 
 
