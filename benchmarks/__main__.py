@@ -14,6 +14,11 @@ speed drifts by a quarter within minutes: the in-process limit and adscore's clo
 therefore alternated for `--rounds` rounds, and the efficiency is the median of the per-round
 ratios (the figures shown for both sides are those of that round). adscore, started first, idles
 while the in-process limit runs.
+
+The open-loop curve runs in `--latency-rounds` rounds. With one worker, each starts with the
+latency floor without HTTP (inprocess_latency.py): the in-process pipeline under Poisson
+arrivals at 70 % of the in-process limit, whose p99 over its unloaded p50 is what queueing on
+this machine allows any server built on it.
 """
 
 from __future__ import annotations
