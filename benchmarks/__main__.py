@@ -38,7 +38,7 @@ import orjson
 from benchmarks import inprocess, population, servers
 from benchmarks.inprocess_latency import in_process_latency
 from benchmarks.measure import closed_loop_point, open_loop_point
-from benchmarks.report import latency_ratio, point_at, write_report
+from benchmarks.report import latency_ratio, median_index, point_at, write_report
 from feature_client.redis_server import LocalRedisServer
 from service.cli import positive_int
 
@@ -113,11 +113,6 @@ def _closed_loop(
     closed = closed_loop_point(service, calls, folder, args.connections, args.seconds)
     print(f"  {closed['requests_per_second']:.0f} requests/s", flush=True)
     return closed
-
-
-def median_index(values: list[float]) -> int:
-    """The index of the median value (the lower of the middle two)."""
-    return sorted(range(len(values)), key=values.__getitem__)[(len(values) - 1) // 2]
 
 
 def main() -> int:
@@ -230,13 +225,13 @@ def main() -> int:
             results["efficiency_rounds"] = ratios
             latency_floor = None
             if args.workers == 1:  # the in-process pipeline in one process, as adscore's
+                scorer = inprocess.InProcessScorer(
+                    args.model_repository, args.model, calls, contexts
+                )
                 latency_floor = partial(
                     in_process_latency,
-                    args.model_repository,
-                    args.model,
+                    scorer,
                     redis.url,
-                    calls,
-                    contexts,
                     threads=2,
                     loaded_rate=0.7 * limits[middle]["requests_per_second"],
                     seconds=args.seconds,

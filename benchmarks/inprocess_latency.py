@@ -14,8 +14,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,6 @@ import redis
 
 from benchmarks.collector import collector_paused
 from benchmarks.inprocess import InProcessScorer
-from benchmarks.population import ScoreCall
 
 Arrival = tuple[int, float] | None
 """A request's index and intended arrival time; None stops a thread."""
@@ -81,11 +78,8 @@ def latency_at(
 
 
 def in_process_latency(
-    repository: Path,
-    model_name: str,
+    scorer: InProcessScorer,
     redis_url: str,
-    calls: Sequence[ScoreCall],
-    contexts: Sequence[dict[str, str | int | float]],
     *,
     threads: int,
     loaded_rate: float,
@@ -94,7 +88,6 @@ def in_process_latency(
 ) -> dict[str, Any]:
     """The unloaded point (`unloaded_rate`, at most 5 s) and the point at `loaded_rate`, and the
     ratio of the latter's p99 to the former's p50."""
-    scorer = InProcessScorer(repository, model_name, calls, contexts)
     unloaded = latency_at(
         scorer, redis_url, rate=unloaded_rate, seconds=min(seconds, 5.0), threads=threads
     )

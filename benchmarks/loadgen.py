@@ -274,21 +274,8 @@ async def closed_loop(
     seconds: float,
 ) -> LoadResult:
     """`connections` clients, each sending its next request as soon as the last one answers."""
-    with collector_paused():
-        return await _closed_loop(host, port, payloads, sizes, connections, seconds)
-
-
-async def _closed_loop(
-    host: str,
-    port: int,
-    payloads: Sequence[bytes],
-    sizes: Sequence[int],
-    connections: int,
-    seconds: float,
-) -> LoadResult:
     result = LoadResult(seconds)
-    cpu = time.process_time()
-    deadline = time.perf_counter() + seconds
+    deadline = 0.0  # set when the clients start
 
     async def client(index: int) -> None:
         conn = await Connection.open(host, port)
@@ -306,9 +293,12 @@ async def _closed_loop(
         finally:
             conn.close()
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(connections)))
-    result.seconds = time.perf_counter() - started
+    with collector_paused():
+        cpu = time.process_time()
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(i) for i in range(connections)))
+        result.seconds = time.perf_counter() - started
     result.generator_cpu_seconds = time.process_time() - cpu
     return result
 
@@ -325,20 +315,6 @@ async def open_loop(
     seed: int = 0,
 ) -> LoadResult:
     """Poisson arrivals at `rate` per second; latency measured from each intended send time."""
-    with collector_paused():
-        return await _open_loop(host, port, payloads, sizes, rate, seconds, max_connections, seed)
-
-
-async def _open_loop(
-    host: str,
-    port: int,
-    payloads: Sequence[bytes],
-    sizes: Sequence[int],
-    rate: float,
-    seconds: float,
-    max_connections: int,
-    seed: int,
-) -> LoadResult:
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.2) + 10))
     arrivals = arrivals[arrivals < seconds]
@@ -384,16 +360,17 @@ async def _open_loop(
             result.candidates += sizes[index % len(sizes)]
         await release(conn)
 
-    cpu = time.process_time()
-    start = time.perf_counter()
-    tasks = []
-    for index, offset in enumerate(arrivals):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(index, start + offset)))
-    await asyncio.gather(*tasks)
-    result.seconds = time.perf_counter() - start
+    with collector_paused():
+        cpu = time.process_time()
+        start = time.perf_counter()
+        tasks = []
+        for index, offset in enumerate(arrivals):
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(index, start + offset)))
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - start
     result.generator_cpu_seconds = time.process_time() - cpu
     for conn in idle:
         conn.close()

@@ -20,6 +20,11 @@ def serving_efficiency(results: dict[str, Any]) -> float:
     return closed / limit if limit else 0.0
 
 
+def median_index(values: list[float]) -> int:
+    """The index of the median value (the lower of the middle two)."""
+    return sorted(range(len(values)), key=values.__getitem__)[(len(values) - 1) // 2]
+
+
 def point_at(contender: dict[str, Any], load: float) -> dict[str, Any]:
     """The open-loop point at `load` (a share of the closed-loop maximum)."""
     point: dict[str, Any] = next(p for p in contender["open_loop"] if p["load"] == load)
@@ -119,7 +124,7 @@ def _latency_floor(latency_rounds: list[dict[str, Any]], ours: float) -> list[st
     if not floors:
         return []
     ratios = [f["ratio"] for f in floors]
-    shown = floors[sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]]
+    shown = floors[median_index(ratios)]
     loaded, unloaded = shown["loaded"], shown["unloaded"]
     return [
         f"- Latency floor without HTTP: the in-process pipeline on its threads, fed Poisson "

@@ -39,12 +39,18 @@ from benchmarks import (
     settings_ab,
     wrk,
 )
-from benchmarks.__main__ import median_index, median_latency_round
+from benchmarks.__main__ import median_latency_round
 from benchmarks.collector import collector_paused
 from benchmarks.http_floor import efficiency_ceiling
 from benchmarks.measure import closed_loop_point, open_loop_point
 from benchmarks.naive_service import build_app
-from benchmarks.report import headline, latency_ratio, serving_efficiency, write_report
+from benchmarks.report import (
+    headline,
+    latency_ratio,
+    median_index,
+    serving_efficiency,
+    write_report,
+)
 from models.synthetic import DatasetMismatch, SyntheticConfig, SyntheticWorld, load_world_features
 from service.app import create_app
 from service.registry import load_version
@@ -338,10 +344,10 @@ def test_the_in_process_latency_floor_counts_queueing_from_each_arrival(
     population.load_population(redis_url, world, DEMO.read_metadata("pcvr", 1).spec())
     calls = population.request_mix(world, 40, candidates=16)
     contexts = [orjson.loads(c.body)["context"] for c in calls]
+    scorer = inprocess.InProcessScorer(DEMO.root, "pcvr", calls, contexts)
     floor = inprocess_latency.in_process_latency(
-        DEMO.root, "pcvr", redis_url, calls, contexts, threads=1, loaded_rate=20_000.0,
-        seconds=0.5, unloaded_rate=50.0,
-    )  # fmt: skip
+        scorer, redis_url, threads=1, loaded_rate=20_000.0, seconds=0.5, unloaded_rate=50.0
+    )
     unloaded, loaded = floor["unloaded"], floor["loaded"]
     assert 15 <= unloaded["requests"] <= 40  # about 50/s for 0.5 s, each one scored
     # Far more arrivals than one thread scores: the queue grows all along, and the last
